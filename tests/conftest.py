@@ -1,0 +1,13 @@
+import os
+import sys
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it has to be set before any test
+# imports kernels/: without a GPU the Triton kernels then run on CPU tensors in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests import the stage scripts and packages from the repo root, as `python sft.py` would.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
