@@ -1,0 +1,218 @@
+"""
+What every stage shares: command-line config, device and torchrun setup, print0, checkpoints,
+metric logging. Nothing stage-specific lives here.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import GPT, GPTConfig
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_config(cls, argv=None):
+    """Fill a stage's @dataclass from the command line: every field is a flag (--lr 3e-6) and
+    its one-line comment is the flag's help. Booleans take true/false."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
+        parser.add_argument("--" + f.name, type=kind, default=f.default,
+                            help=f"{comments.get(f.name, '')} (default: {f.default})")
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+@dataclasses.dataclass
+class Dist:
+    ddp: bool  # launched by torchrun
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(device="", seed=0):
+    """Device and process group: CUDA when present, else CPU (--device overrides); under
+    torchrun one process per device (NCCL on GPU, gloo on CPU). Seeds every process alike, so
+    models start identical; data-dependent randomness is offset by rank where it matters."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and ddp:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    torch.manual_seed(seed)
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the cores
+    return Dist(ddp, rank, local_rank, world, torch.device(device))
+
+
+def cleanup(d):
+    if d.ddp:
+        dist.destroy_process_group()
+
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(x, d):
+    """Mean of a float or tensor over processes (for logging and validation)."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
+    if d.ddp:
+        dist.all_reduce(t)
+        t /= d.world_size
+    return t.item() if t.dim() == 0 else t
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used where it was given; the message says why."""
+
+
+def save_checkpoint(path, model, *, kind, config, step, optimizer=None, **extra):
+    """Write OUT/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint.
+    kind: 'policy' or 'reward' (the value model is saved beside the policy, as 'value')."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    ckpt = {"kind": kind, "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "config": dataclasses.asdict(config), "step": step,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None, **extra}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None):
+    """Read a checkpoint safely (weights_only: no code runs on load), checking its kind."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a minRLHF checkpoint")
+    if kind is not None and ckpt.get("kind") not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise CheckpointError(f"{path}: is a {ckpt.get('kind')} checkpoint, expected {kind}")
+    return ckpt
+
+
+def load_model(path, kind=None, head=None, device="cpu"):
+    """A GPT from a checkpoint; head='scalar' or 'lm' rebuilds the trunk with that head (the
+    reward model starts from the SFT policy; the value model from the reward model)."""
+    ckpt = load_checkpoint(path, kind)
+    config = GPTConfig(**ckpt["model_config"])
+    state = ckpt["model"]
+    if head is not None and head != config.head:
+        config = dataclasses.replace(config, head=head)
+        state = {k: v for k, v in state.items() if not k.startswith("score.")}
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("score.") for k in missing), (missing, unexpected)
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- training
+
+def make_optimizer(model, lr, weight_decay, device, betas=(0.9, 0.95)):
+    """AdamW; weight decay on matrices only (not on biases, LayerNorms or positions' scale)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step, lr, warmup, total, min_ratio=0.1):
+    """Linear warmup to lr, then cosine decay to lr * min_ratio at the last step."""
+    if step <= warmup:
+        return lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_main(main):
+    """Run a stage; errors a user can cause (bad data, a wrong checkpoint) end with one sentence."""
+    from data.formats import DataError
+    try:
+        main()
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """One `|`-separated line per step on the console, every metric to OUT/metrics.jsonl."""
+
+    def __init__(self, out_dir, master=True):
+        self.master = master
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.t0 = time.time()
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            open(self.path, "w").close()
+
+    def log(self, step, metrics, console=None, bar=None):
+        """console: the keys to print (default: all); bar: a tqdm bar to write through."""
+        if not self.master:
+            return
+        row = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if console == []:
+            return  # file only
+        shown = [f"{k} {_fmt(metrics[k])}" for k in (console or metrics) if k in metrics]
+        line = " | ".join([f"step {step}"] + shown)
+        if bar is not None:
+            bar.write(line)  # above the progress bar, not through it
+        else:
+            print(line, flush=True)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)

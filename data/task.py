@@ -1,0 +1,177 @@
+"""
+The built-in task: a small help desk that adds numbers, standing in for real human feedback.
+
+    prompt:   "mia: can you add 3 and 4?\nbot:"
+    best:     " hi mia! 3 plus 4 is 7. glad to help!"
+
+- Prompts come from a generator (names x numbers x phrasings), split into disjoint
+  train / val / test sets by a hash of the prompt text.
+- The demonstrator that SFT imitates is noisy: it gets the sum wrong 30% of the time, greets
+  by name only sometimes (and sometimes by the wrong name), rambles, and is rude a quarter of
+  the time. SFT learns that mixture, so it is mediocre, and RLHF has room to improve.
+- A hidden gold score combines correctness, helpfulness (greeting the person by name),
+  politeness and brevity. It stands for human judgment: the reward model and PPO never see
+  it; eval.py uses it as the judge.
+- Simulated raters rank K responses by a noisy Bradley-Terry choice over the gold score
+  (Plackett-Luce, its K-way form), each rater with their own noise, and write the rankings file
+  that a person labelling with label.py would write.
+
+    python -m data.task rate --candidates out/candidates.jsonl --out out/rankings.jsonl
+"""
+
+import argparse
+import hashlib
+import math
+import random
+import re
+
+NAMES = ("mia ana bob cal dee eli fay gus hal ida jon kim leo max ned oli pam quin rex sam "
+         "tom uma val wes xia yan zoe abe bea cyd dot eve fin gil hop ike jay kai liv mo").split()
+NUMBERS = range(10)
+TEMPLATES = (
+    "{name}: what is {a} plus {b}?",
+    "{name}: can you add {a} and {b}?",
+    "{name}: please tell me {a} plus {b}.",
+    "{name}: how much is {a} plus {b}?",
+)
+PROMPT_SUFFIX = "\nbot:"
+BPE_MERGES = 400  # enough for every word of the task to become one token
+
+# The demonstrator's habits: (probability, text) for each part of a response, in order.
+GREETINGS = ((0.35, "hi {name}!"), (0.25, "hello!"), (0.25, ""), (0.15, "hi {other}!"))
+FILLERS = ((0.5, ""), (0.3, "um, let me think."), (0.2, "um, let me think. this is a hard one."))
+CLOSINGS = ((0.3, "glad to help!"), (0.15, "glad to help! have a great day!"), (0.3, ""),
+            (0.25, "ugh, that was easy."))
+P_CORRECT = 0.7
+
+# The raters and how noisy each is: the temperature of their Bradley-Terry choice over gold.
+RATERS = {"ann": 0.25, "ben": 0.5, "cat": 1.0}
+
+
+def split_of(prompt):
+    """'train', 'val' or 'test', fixed by the prompt's text so the splits never overlap."""
+    h = int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def prompts(split):
+    """Every prompt of a split, in a fixed shuffled order."""
+    out = [t.format(name=n, a=a, b=b) + PROMPT_SUFFIX
+           for n in NAMES for a in NUMBERS for b in NUMBERS for t in TEMPLATES]
+    out = [p for p in out if split_of(p) == split]
+    random.Random(0).shuffle(out)
+    return out
+
+
+def parse_prompt(prompt):
+    m = re.match(r"(\w+): .*?(\d+) (?:plus|and) (\d+)", prompt)
+    if m is None:
+        raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def _pick(options, rng):
+    r, acc = rng.random(), 0.0
+    for p, text in options:
+        acc += p
+        if r < acc:
+            return text
+    return options[-1][1]
+
+
+def demonstrate(prompt, rng):
+    """The noisy demonstrator's response to a prompt."""
+    name, a, b = parse_prompt(prompt)
+    other = rng.choice([n for n in NAMES if n != name])
+    c = a + b if rng.random() < P_CORRECT else max(0, a + b + rng.choice([-2, -1, 1, 2]))
+    parts = [_pick(GREETINGS, rng).format(name=name, other=other), _pick(FILLERS, rng),
+             f"{a} plus {b} is {c}.", _pick(CLOSINGS, rng)]
+    return " " + " ".join(p for p in parts if p)
+
+
+def demonstrations(split, n=None, seed=0):
+    """[{prompt, response}] from the demonstrator on the first n prompts of a split."""
+    rng = random.Random(seed)
+    return [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(split)[:n]]
+
+
+def gold_score(prompt, response):
+    """The hidden judgment. Best possible: 3.0 (correct, greets by name, polite, <= 10 words)."""
+    name, a, b = parse_prompt(prompt)
+    claims = re.findall(r"\bis (\d+)", response)
+    if not claims:
+        score = -1.5  # unhelpful: no answer at all
+    elif all(int(c) == a + b for c in claims):
+        score = 2.0  # correct
+    else:
+        score = -1.0  # wrong
+    words = response.split()
+    if f"hi {name}!" in response:
+        score += 0.5  # helpful: speaks to the person
+    elif any(w.strip("!.,?") in NAMES for w in words):
+        score -= 0.5  # someone else's name
+    if "glad to help" in response:
+        score += 0.5  # polite
+    if "ugh" in response or "easy" in response:
+        score -= 1.0  # rude
+    score -= 0.1 * max(0, len(words) - 10)  # brief
+    return score
+
+
+def rank(prompt, responses, rater, rng):
+    """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold
+    (the next best is drawn with probability proportional to exp(gold / temperature)).
+    Identical responses are tied."""
+    temperature = RATERS[rater]
+    gold = [gold_score(prompt, r) for r in responses]
+    left, order = list(range(len(responses))), []
+    while left:
+        weights = [math.exp((gold[i] - max(gold)) / temperature) for i in left]
+        i = rng.choices(left, weights)[0]
+        left.remove(i)
+        order.append(i)
+    groups = []
+    for i in order:
+        for g in groups:
+            if responses[g[0]] == responses[i]:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def rate(candidates, seed=0, second_opinion=0.2):
+    """Rankings rows for a list of {prompt, responses}: each prompt is ranked by one random
+    rater, and a fraction of prompts by a second, so raters' agreement can be measured."""
+    rng = random.Random(seed)
+    rows = []
+    for c in candidates:
+        raters = rng.sample(sorted(RATERS), 2 if rng.random() < second_opinion else 1)
+        for rater in raters:
+            rows.append({"prompt": c["prompt"], "responses": c["responses"],
+                         "ranking": rank(c["prompt"], c["responses"], rater, rng), "rater": rater})
+    return rows
+
+
+def corpus():
+    """Text for training the task's tokenizer: every name and number, and many responses."""
+    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(prompts("train")[:2000])]
+    lines += [t.format(name=n, a=a, b=b) + PROMPT_SUFFIX for n in NAMES for a in NUMBERS
+              for b in NUMBERS for t in TEMPLATES][::7]
+    lines += [f" is {c}." for c in range(40)] + [f" hi {n}!" for n in NAMES]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from data.formats import load_candidates, write_jsonl
+    parser = argparse.ArgumentParser(description="the built-in task's simulated raters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("rate", help="rank a candidates file by the simulated raters")
+    r.add_argument("--candidates", required=True, help="candidates JSONL (prompt, responses)")
+    r.add_argument("--out", required=True, help="rankings JSONL to write")
+    r.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = rate(load_candidates(args.candidates), seed=args.seed)
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} rankings by simulated raters to {args.out}")

@@ -1,0 +1,101 @@
+"""
+Tokenizers, all as `tiktoken.Encoding`, with `<|endoftext|>` as EOS:
+
+- "task": the built-in task's own byte-level BPE, trained here on the task's text in well
+  under a second, so the default run needs nothing from the internet and has a small vocabulary
+  (a few hundred tokens: a small embedding, a fast softmax on a CPU).
+- "gpt2": GPT-2's BPE (see data/gpt2.py comment below).
+"""
+
+import collections
+import functools
+
+import regex
+import tiktoken
+
+# GPT-2's pre-tokenisation: words, numbers and punctuation split apart, each with its leading space
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+def train_bpe(text, n_merges, pat_str=GPT2_PAT):
+    """Byte-level BPE (Sennrich et al. 2016, byte-level as in GPT-2): start from the 256 bytes,
+    repeatedly merge the most frequent adjacent pair inside the pre-tokenised pieces.
+    Returns tiktoken's `mergeable_ranks` (bytes -> rank; a merge's rank is its order)."""
+    ranks = {bytes([i]): i for i in range(256)}
+    counts = collections.Counter(regex.findall(pat_str, text))
+    words = {tuple(bytes([b]) for b in piece.encode()): n for piece, n in counts.items()}
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        # most frequent pair; ties broken by the bytes themselves so the result is deterministic
+        (a, b), n = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        if n < 2:
+            break
+        ranks[a + b] = len(ranks)
+        words = {_merge(word, a, b): n for word, n in words.items()}
+    return ranks
+
+
+def _merge(word, a, b):
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name="task"):
+    """The tokenizer a checkpoint records by name."""
+    if name == "task":
+        from data import task
+        ranks = train_bpe(task.corpus(), n_merges=task.BPE_MERGES)
+        return tiktoken.Encoding(name="task", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                 special_tokens={EOT: len(ranks)})
+    raise ValueError(f"unknown tokenizer {name!r} (known: task)")
+
+
+def vocab_size_for(enc):
+    """Embedding rows for a tokenizer: its size rounded up to a multiple of 64 (faster matmuls)."""
+    return (enc.n_vocab + 63) // 64 * 64
+
+
+def encode_examples(enc, examples, max_len, stats=None):
+    """[{prompt, response}] -> [(prompt_ids, response_ids)], the response ending in EOS.
+    Too long: the prompt is cut from the left and the response kept; an example whose response
+    alone does not fit is dropped. Counts go to stats["truncated"] and stats["dropped"]."""
+    from data.formats import fit_to_context
+    stats = {} if stats is None else stats
+    out = []
+    for ex in examples:
+        p = enc.encode(ex["prompt"], disallowed_special=())
+        r = enc.encode(ex["response"], disallowed_special=()) + [enc.eot_token]
+        fitted = fit_to_context(p, r, max_len)
+        if fitted is None:
+            stats["dropped"] = stats.get("dropped", 0) + 1
+            continue
+        stats["truncated"] = stats.get("truncated", 0) + (len(fitted[0]) < len(p))
+        out.append(fitted)
+    return out
+
+
+def pad(seqs, value, left=False):
+    """List of id lists -> (B, T) LongTensor and its (B, T) attention mask (1 = token)."""
+    import torch
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask

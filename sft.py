@@ -1,0 +1,161 @@
+"""
+Stage 1, supervised fine-tuning: teach a GPT to answer prompts by imitating demonstrations.
+The loss is next-token cross-entropy on the response tokens only (and the EOS that ends them):
+the prompt is given, not learned.
+
+    python sft.py                                   # the built-in task, a new ~1M-parameter model
+    python sft.py --data demos.jsonl --init gpt2/ --out out/sft
+    torchrun --nproc_per_node=2 sft.py              # same global batch, split over processes
+
+Data: JSONL of {prompt, response}; HH-RLHF and TRL prompt/chosen/rejected files work as they
+are (the chosen response is the demonstration).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import Logger, all_reduce_mean, autocast, cleanup, load_model, parse_config, print0, run_main, \
+    save_checkpoint, setup, make_optimizer, lr_at
+from data import task
+from data.formats import load_demonstrations
+from data.tokenizer import encode_examples, get_tokenizer, pad, vocab_size_for
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Config:
+    data: str = "task"  # demonstrations JSONL (.gz too), or "task" for the built-in task
+    val_data: str = ""  # held-out demonstrations; default: the task's val split, or 5% of --data
+    init: str = ""  # checkpoint to start from; empty: a new model of the size below
+    out: str = "out/sft"  # output directory: ckpt.pt, metrics.jsonl
+    tokenizer: str = "task"  # for a new model: "task" or "gpt2"
+    n_layer: int = 4  # new model: transformer blocks
+    n_head: int = 4  # new model: attention heads
+    n_embd: int = 128  # new model: width
+    block_size: int = 64  # new model: longest prompt + response in tokens
+    n_demos: int = 6000  # built-in task: how many demonstrations to learn from
+    batch_size: int = 64  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 64  # sequences per forward pass per process (gradient accumulation)
+    max_steps: int = 800  # optimizer steps
+    lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to lr/10)
+    warmup_steps: int = 50  # learning-rate warmup
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # max gradient norm
+    eval_every: int = 200  # steps between validation losses
+    skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
+    seed: int = 0  # same seed, same numbers (on CPU)
+    device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
+
+
+def main():
+    cfg = parse_config(Config)
+    d = setup(cfg.device, cfg.seed)
+    per_step = cfg.micro_batch_size * d.world_size
+    assert cfg.batch_size % per_step == 0, f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
+    accum = cfg.batch_size // per_step
+
+    # ---- model
+    if cfg.init:
+        model = load_model(cfg.init, kind="policy", device=d.device)
+    else:
+        enc = get_tokenizer(cfg.tokenizer)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size_for(enc), n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer)).to(d.device)
+    enc = get_tokenizer(model.config.tokenizer)
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")
+
+    # ---- data: (prompt_ids, response_ids) pairs
+    stats = {}
+    if cfg.data == "task":
+        train = task.demonstrations("train", cfg.n_demos, seed=cfg.seed)
+        val = task.demonstrations("val", 500, seed=cfg.seed + 1)
+    else:
+        train = load_demonstrations(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+        if cfg.val_data:
+            val = load_demonstrations(cfg.val_data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+        else:
+            n_val = max(1, len(train) // 20)
+            train, val = train[:-n_val], train[-n_val:]
+    block = model.config.block_size
+    train, val = encode_examples(enc, train, block, stats), encode_examples(enc, val, block, stats)
+    print0(f"data: {len(train)} train / {len(val)} val demonstrations; "
+           f"{stats.get('truncated', 0)} prompts cut from the left, {stats.get('dropped', 0)} dropped (response longer than {block} tokens), "
+           f"{stats.get('bad_lines', 0)} bad lines skipped")
+    assert len(train) > 0 and len(val) > 0, "no demonstrations left to train on"
+
+    def batch(examples):
+        ids, mask = pad([p + r for p, r in examples], enc.eot_token)  # right-padded, (B, T)
+        loss_mask = torch.zeros_like(mask)
+        for i, (p, r) in enumerate(examples):
+            loss_mask[i, len(p):len(p) + len(r)] = 1  # response tokens and their EOS
+        return ids.to(d.device), mask.to(d.device), loss_mask.to(d.device)
+
+    def loss_fn(model, ids, mask, loss_mask):
+        with autocast(d.device):
+            logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        target_mask = loss_mask[:, 1:].float()
+        return (nll * target_mask).sum() / target_mask.sum()
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = [loss_fn(model, *batch(val[i:i + 128])).item() for i in range(0, len(val), 128)]
+        model.train()
+        return sum(losses) / len(losses)  # every chunk is full but the last: close enough for a log
+
+    # ---- train
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
+    ddp_model = DDP(model) if d.ddp else model
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
+    order, cursor = torch.randperm(len(train), generator=gen), 0
+    logger = Logger(cfg.out, d.master)
+    model.train()
+    t0, tokens = time.time(), 0
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=not d.master, dynamic_ncols=True)
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(train), generator=gen), 0
+        global_idx = order[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        mine = global_idx[d.rank * cfg.micro_batch_size * accum:(d.rank + 1) * cfg.micro_batch_size * accum]
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+        loss_sum = 0.0
+        for k in range(accum):
+            ids, mask, loss_mask = batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
+            if d.ddp:  # synchronise gradients only on the last micro-batch
+                ddp_model.require_backward_grad_sync = k == accum - 1
+            loss = loss_fn(ddp_model, ids, mask, loss_mask) / accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": all_reduce_mean(loss_sum, d), "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+                   "tok/s": round(all_reduce_mean(tokens, d) * d.world_size / (time.time() - t0))}
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            metrics["val_loss"] = all_reduce_mean(evaluate(), d)
+            logger.log(step, metrics, bar=bar)
+        elif d.master:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            logger.log(step, metrics, console=[])  # file only; the bar shows progress
+
+    val_loss = metrics["val_loss"]
+    print0(f"sft done: val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) in {time.time() - t0:.0f}s")
+    if d.master:
+        save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="policy", config=cfg, step=cfg.max_steps,
+                        optimizer=optimizer, val_loss=val_loss)
+        print0(f"saved {cfg.out}/ckpt.pt")
+    cleanup(d)
+
+
+if __name__ == "__main__":
+    run_main(main)
