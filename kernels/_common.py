@@ -20,3 +20,16 @@ def use_triton(x: torch.Tensor) -> bool:
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, "
                            "set before `kernels` is imported")
     return True
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> a (B, T, V) view of the same memory, so that a kernel reads every row through
+    two strides: sliced logits such as logits[:, :-1] then need no copy. Copies only when the last
+    dim is strided, or when three or more leading dims cannot be merged into a view."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.flatten(0, -3)

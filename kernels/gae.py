@@ -7,8 +7,99 @@ the last valid token is 0 (the episode ends there) and every output at a masked 
 """
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels._common import use_triton
+
+KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel takes the estimator as a constexpr int
+
+
+@triton.jit
+def _compose(decay_later, adv_later, decay, delta):
+    # One scan element is the map A -> delta + decay * A (decay = gamma * lam), taking A_{t+1} to
+    # A_t. Composing them is associative, so a parallel scan computes every A_t at once (Blelloch
+    # 1990, "Prefix Sums and Their Applications", section 1.4: linear recurrences). The scan runs
+    # forward over reversed time, so the left argument is the steps after t already composed.
+    return decay_later * decay, delta + decay * adv_later
+
+
+@triton.jit
+def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref_logprobs_ptr,
+                advantages_ptr, returns_ptr, kl_ptr, T, gamma, lam, kl_coef,
+                PPO: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):
+    # One program per row, walking its T steps backwards in chunks of BLOCK_T; in a chunk, lane i
+    # holds time step (chunk end - i), so that the scan meets later steps first. Reads the mask
+    # and values (and rewards, or for PPO the two log-probs and the score), writes 2 (3) floats
+    # per step; the t + 1 loads hit the cache lines just read.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    next_advantage = 0.0  # A_{t+1} for the step after the chunk: 0 after the end of the row
+    for chunk in range(n_chunks):
+        t = (n_chunks - chunk) * BLOCK_T - 1 - offs
+        in_row = t < T
+        has_next = t + 1 < T
+        idx = row * T + t
+        valid = tl.load(mask_ptr + idx, mask=in_row, other=0) != 0
+        next_valid = tl.load(mask_ptr + idx + 1, mask=has_next, other=0) != 0
+        # V is 0 at masked steps, so V_{t+1} = 0 after the last valid token
+        values = tl.load(values_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
+        values = tl.where(valid, values, 0.0)
+        next_values = tl.load(values_ptr + idx + 1, mask=has_next, other=0.0).to(tl.float32)
+        next_values = tl.where(next_valid, next_values, 0.0)
+        if PPO:
+            # log r = ref_logprobs - logprobs; the estimators of Schulman's note on KL
+            log_ratio = (tl.load(ref_logprobs_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
+                         - tl.load(logprobs_ptr + idx, mask=in_row, other=0.0).to(tl.float32))
+            if KL_ESTIMATOR == 1:
+                kl = -log_ratio
+            elif KL_ESTIMATOR == 2:
+                kl = log_ratio * log_ratio / 2
+            else:
+                kl = (tl.exp(log_ratio) - 1) - log_ratio
+            kl = tl.where(valid, kl, 0.0)
+            tl.store(kl_ptr + idx, kl, mask=in_row)
+            # the score lands on the last valid token: valid, and the next one is not
+            score = tl.load(scores_ptr + row).to(tl.float32)
+            rewards = -kl_coef * kl + tl.where(valid & ~next_valid, score, 0.0)
+        else:
+            rewards = tl.load(rewards_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
+            rewards = tl.where(valid, rewards, 0.0)
+        delta = rewards + gamma * next_values - values
+        decay = tl.full((BLOCK_T,), gamma * lam, tl.float32)
+        # adv is A_t as if A were 0 after the chunk; decay_prod the product of the decays from t
+        # to the chunk's end, which carries A from the chunk after it
+        decay_prod, adv = tl.associative_scan((decay, delta), 0, _compose)
+        advantages = adv + decay_prod * next_advantage
+        tl.store(advantages_ptr + idx, tl.where(valid, advantages, 0.0), mask=in_row)
+        tl.store(returns_ptr + idx, tl.where(valid, advantages + values, 0.0), mask=in_row)
+        # the chunk's first time step sits in its last lane
+        next_advantage = tl.sum(tl.where(offs == BLOCK_T - 1, advantages, 0.0), axis=0)
+
+
+def _launch(values, mask, *, gamma, lam, rewards=None, scores=None, logprobs=None,
+            ref_logprobs=None, kl_coef=0.0, kl_estimator="k1"):
+    """GAE on (B, T) inputs -> advantages, returns, kl. Given scores, logprobs and ref_logprobs
+    instead of rewards, forms the PPO rewards in the same launch and also fills kl."""
+    ppo = rewards is None
+    B, T = values.shape
+    advantages, returns = torch.empty(2, B, T, device=values.device).unbind(0)
+    if ppo:
+        _check_kl_estimator(kl_estimator)
+        kl = torch.empty(B, T, device=values.device)
+        rewards = values  # not read when PPO; the kernel still takes a pointer
+    else:
+        scores = logprobs = ref_logprobs = kl = values  # not read when not PPO
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes; Triton loads uint8 more portably than bool
+    if B * T > 0:
+        _gae_kernel[(B,)](rewards.contiguous(), values.contiguous(), mask.contiguous(),
+                          scores.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(),
+                          advantages, returns, kl, T, float(gamma), float(lam), float(kl_coef),
+                          PPO=ppo, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
+                          BLOCK_T=min(1024, triton.next_power_of_2(T)))
+    return advantages, returns, kl
 
 
 def gae_ref(rewards, values, mask, *, gamma, lam):
@@ -43,9 +134,13 @@ def kl_estimate(logprobs, ref_logprobs, kl_estimator):
         return -log_ratio
     if kl_estimator == "k2":
         return log_ratio ** 2 / 2
-    if kl_estimator == "k3":
-        return (log_ratio.exp() - 1) - log_ratio
-    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', not {kl_estimator!r}")
+    _check_kl_estimator(kl_estimator)
+    return (log_ratio.exp() - 1) - log_ratio
+
+
+def _check_kl_estimator(kl_estimator):
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', not {kl_estimator!r}")
 
 
 def ppo_advantages_ref(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gamma, lam,
@@ -68,7 +163,8 @@ def gae(rewards, values, mask, *, gamma, lam):
     """Advantages and returns (B, T) fp32 by GAE; see gae_ref for the recurrence."""
     if not use_triton(rewards):
         return gae_ref(rewards, values, mask, gamma=gamma, lam=lam)
-    raise NotImplementedError("the Triton gae kernel is not written yet")
+    advantages, returns, _ = _launch(values, mask, gamma=gamma, lam=lam, rewards=rewards)
+    return advantages, returns
 
 
 def ppo_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gamma, lam,
@@ -77,4 +173,5 @@ def ppo_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gam
     if not use_triton(logprobs):
         return ppo_advantages_ref(scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef,
                                   gamma=gamma, lam=lam, kl_estimator=kl_estimator)
-    raise NotImplementedError("the Triton ppo_advantages kernel is not written yet")
+    return _launch(values, mask, gamma=gamma, lam=lam, scores=scores, logprobs=logprobs,
+                   ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator)

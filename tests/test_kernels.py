@@ -1,11 +1,355 @@
-"""Tests for kernels/: each Triton kernel (through TRITON_INTERPRET=1 on a CPU) against its PyTorch
-reference, and both against an fp64 computation."""
+"""Tests for kernels/: each Triton kernel against its PyTorch reference, and both against an fp64
+computation, forward and backward. Without a GPU the kernels run on CPU tensors through
+TRITON_INTERPRET=1 (set in conftest.py), which is slow: shapes stay tiny except a few rows at
+V = 50257, the GPT-2 vocabulary, which is not a multiple of the kernels' 4096-wide blocks.
+
+Tolerances. Forward outputs are fp32 computed in fp32 from the same (rounded) inputs as the fp64
+truth, whatever the input dtype, so they must agree to fp32 accuracy: rtol = atol = 1e-5. fp32's
+unit roundoff is 6e-8; a log-sum-exp over 50257 terms of logits up to ~30 loses a few 1e-6, while
+a wrong rescale, a dropped chunk or a bf16 intermediate is off by 1e-3 or more. Gradients are
+stored in the logits' dtype, rounded once: allowed one unit in the last place of that dtype
+(2**-7 relative for bf16, 2**-10 for fp16, 1e-5 for fp32), plus 1e-5 absolute: the reference's
+log_softmax backward sums V products in fp32 and is off by ~1e-5 at V = 50257 (the kernels by
+~1e-6), while a wrong sign, temperature factor or normaliser is off by the gradient itself.
+"""
+
+import os
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import gae_ref, ppo_advantages_ref
+import kernels
+from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages, ppo_advantages_ref,
+                     token_logprobs, token_logprobs_ref)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FWD_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+# (leading shape, V): V = 1; V not a power of two, in 1-D and 3-D; V = 50257, several chunks
+SHAPES = [((4,), 1), ((3,), 7), ((2, 3), 7), ((3,), 50257)]
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Under the interpreter a NaN or inf made in a kernel's masked-off lanes shows up as a numpy
+# RuntimeWarning; on a GPU it would be silent until it leaked through a tl.where.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    # the public functions run the Triton kernels, whatever the device; the *_ref are called
+    # directly for the PyTorch side
+    monkeypatch.setenv("MINRLHF_KERNELS", "triton")
+
+
+# ---- fp64 truths, written independently of kernels/ ----------------------------------------
+
+def logprobs_fp64(logits, targets, temperature):
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return logp.gather(-1, targets[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+def kl_fp64(logits, ref_logits, temperature):
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.double() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def gae_fp64(rewards, values, lengths, gamma, lam):
+    # straight from the paper, one row at a time over its valid tokens only
+    B, T = rewards.shape
+    advantages = [[0.0] * T for _ in range(B)]
+    returns = [[0.0] * T for _ in range(B)]
+    for b, (r, v, n) in enumerate(zip(rewards.tolist(), values.tolist(), lengths.tolist())):
+        next_value, next_advantage = 0.0, 0.0
+        for t in reversed(range(n)):
+            next_advantage = r[t] + gamma * next_value - v[t] + gamma * lam * next_advantage
+            next_value = v[t]
+            advantages[b][t], returns[b][t] = next_advantage, next_advantage + v[t]
+    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def random_logits(lead, V, dtype, scale=4.0):
+    return (torch.randn(*lead, V, device=DEVICE) * scale).to(dtype)
+
+
+def extreme_logits(V, dtype):
+    # rows: one 1e4 among -1e4; all equal; all 1e4; alternating +-1e4 (ties at the max)
+    rows = torch.full((4, V), -1e4)
+    rows[0, V // 2] = 1e4
+    rows[1] = 0.0
+    rows[2] = 1e4
+    rows[3, ::2] = 1e4
+    return rows.to(DEVICE, dtype)
+
+
+def assert_grad_close(grad, grad64, dtype):
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), grad64, rtol=GRAD_RTOL[dtype], atol=1e-5)
+
+
+def check_token_logprobs(logits, targets, temperature):
+    """Forward and backward of token_logprobs (Triton) and the reference against fp64."""
+    dtype = logits.dtype
+    lp64, h64 = logprobs_fp64(logits, targets, temperature)
+    w_lp, w_h = torch.randn(2, *targets.shape, device=DEVICE, dtype=torch.float64)
+    logits64 = logits.detach().double().requires_grad_()
+    lp, h = logprobs_fp64(logits64, targets, temperature)
+    grad64, = torch.autograd.grad((lp * w_lp + h * w_h).sum(), logits64)
+    for fn in (token_logprobs, token_logprobs_ref):
+        x = logits.detach().requires_grad_()
+        lp, h = fn(x, targets, temperature=temperature, return_entropy=True)
+        assert lp.dtype == h.dtype == torch.float32 and lp.shape == h.shape == targets.shape
+        torch.testing.assert_close(lp.double(), lp64, **FWD_TOL)
+        torch.testing.assert_close(h.double(), h64, **FWD_TOL)
+        grad, = torch.autograd.grad((lp * w_lp + h * w_h).sum(), x)
+        assert_grad_close(grad, grad64, dtype)
+
+
+def check_kl_full(logits, ref_logits, temperature, fns=(kl_full, kl_full_ref)):
+    kl64 = kl_fp64(logits, ref_logits, temperature)
+    w = torch.randn(logits.shape[:-1], device=DEVICE, dtype=torch.float64)
+    logits64 = logits.detach().double().requires_grad_()
+    grad64, = torch.autograd.grad((kl_fp64(logits64, ref_logits, temperature) * w).sum(), logits64)
+    for fn in fns:
+        x = logits.detach().requires_grad_()
+        kl = fn(x, ref_logits, temperature=temperature)
+        assert kl.dtype == torch.float32 and kl.shape == logits.shape[:-1]
+        torch.testing.assert_close(kl.double(), kl64, **FWD_TOL)
+        grad, = torch.autograd.grad((kl * w).sum(), x)
+        assert_grad_close(grad, grad64, logits.dtype)
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the shape and dtype of every tensor an op returns in new memory (not a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.made += [(t.numel(), t.dtype) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def big_tensors_of_backward(loss, logits):
+    """(numel, dtype) of each tensor of the logits' size or more that the backward creates."""
+    with NewTensors() as record:
+        torch.autograd.grad(loss, logits)
+    return [(n, dtype) for n, dtype in record.made if n >= logits.numel()]
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+def test_dispatch_follows_env_and_device(monkeypatch):
+    x = torch.randn(3, 5)
+    assert kernels._common.use_triton(x)  # MINRLHF_KERNELS=triton from the fixture
+    monkeypatch.setenv("MINRLHF_KERNELS", "torch")
+    assert not kernels._common.use_triton(x)
+    monkeypatch.delenv("MINRLHF_KERNELS")
+    assert kernels._common.use_triton(x) == x.is_cuda
+    monkeypatch.setenv("MINRLHF_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MINRLHF_KERNELS"):
+        kernels._common.use_triton(x)
+
+
+# ---- token_logprobs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,V", SHAPES)
+def test_token_logprobs(lead, V, dtype, temperature):
+    torch.manual_seed(0)
+    logits = random_logits(lead, V, dtype)
+    targets = torch.randint(0, V, lead, device=DEVICE)
+    check_token_logprobs(logits, targets, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 4099])
+def test_token_logprobs_extreme_logits(V, dtype, temperature):
+    logits = extreme_logits(V, dtype)
+    targets = torch.tensor([V // 2, 0, V - 1, 1], device=DEVICE)  # at the max and away from it
+    check_token_logprobs(logits, targets, temperature)
+
+
+def test_token_logprobs_one_output_in_the_loss():
+    # the unused output's gradient reaches backward as None and must count as zero
+    torch.manual_seed(0)
+    logits = random_logits((5,), 33, torch.float32).requires_grad_()
+    targets = torch.randint(0, 33, (5,), device=DEVICE)
+    lp64, h64 = logprobs_fp64(logits, targets, 1.0)
+    for out64, pick in ((lp64, lambda lp, h: lp), (h64, lambda lp, h: h)):
+        grad, = torch.autograd.grad(pick(*token_logprobs(logits, targets, return_entropy=True))
+                                    .sum(), logits)
+        logits64 = logits.detach().double().requires_grad_()
+        grad64, = torch.autograd.grad(pick(*logprobs_fp64(logits64, targets, 1.0)).sum(),
+                                      logits64)
+        assert_grad_close(grad, grad64, torch.float32)
+    lp = token_logprobs(logits, targets)  # return_entropy=False: a tensor, not a tuple
+    torch.testing.assert_close(lp.double(), lp64, **FWD_TOL)
+
+
+def test_token_logprobs_sliced_logits():
+    # logits[:, :-1] as PPO takes them: the kernels read the strided rows without a copy
+    torch.manual_seed(0)
+    full = random_logits((2, 6), 7, torch.bfloat16)
+    logits = full[:, 1:-1]
+    targets = torch.randint(0, 7, (2, 4), device=DEVICE)
+    check_token_logprobs(logits, targets, 0.7)
+
+
+def test_token_logprobs_backward_makes_no_fp32_logits():
+    # The backward may create one tensor of the logits' size, the gradient in their dtype, and
+    # the forward may save nothing of that size but the logits themselves. The reference, which
+    # upcasts, fails both checks: the checks can fail.
+    logits = random_logits((2, 3), 11, torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 11, (2, 3), device=DEVICE)
+    for fn, ok in ((token_logprobs, True), (token_logprobs_ref, False)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            lp, h = fn(logits, targets, return_entropy=True)
+        saves_rows_only = all(t.data_ptr() == logits.data_ptr() or t.numel() <= 6 for t in saved)
+        big = big_tensors_of_backward((lp + h).sum(), logits)
+        assert saves_rows_only == ok
+        assert (big == [(logits.numel(), torch.bfloat16)]) == ok
+
+
+# ---- kl_full ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,V", SHAPES)
+def test_kl_full(lead, V, dtype, temperature):
+    torch.manual_seed(0)
+    logits = random_logits(lead, V, dtype)
+    ref_logits = (logits.float() + random_logits(lead, V, torch.float32, scale=1.0)).to(dtype)
+    check_kl_full(logits, ref_logits, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 4099])
+def test_kl_full_extreme_logits(V, dtype, temperature):
+    logits = extreme_logits(V, dtype)
+    check_kl_full(logits, logits, temperature)  # KL = 0 exactly
+    # KL up to 2e4 / T nats. The reference's fp32 log_softmax backward sums V terms of that size
+    # and loses ~5e-5 in the gradient here; the kernel, working relative to the row maxima,
+    # keeps to the usual tolerance, so only the kernel is held to it.
+    check_kl_full(logits, logits.roll(1, dims=0), temperature, fns=(kl_full,))
+
+
+def test_kl_full_sliced_logits_and_no_gradient_to_the_reference():
+    torch.manual_seed(0)
+    full = random_logits((2, 6), 7, torch.float16)
+    ref_logits = random_logits((2, 4), 7, torch.float16).requires_grad_()
+    check_kl_full(full[:, 1:-1], ref_logits, 1.0)
+    kl = kl_full(full[:, 1:-1].requires_grad_(), ref_logits)
+    assert torch.autograd.grad(kl.sum(), ref_logits, allow_unused=True) == (None,)
+
+
+def test_kl_full_backward_makes_no_fp32_logits():
+    logits = random_logits((2, 3), 11, torch.bfloat16).requires_grad_()
+    ref_logits = random_logits((2, 3), 11, torch.bfloat16)
+    for fn, ok in ((kl_full, True), (kl_full_ref, False)):
+        big = big_tensors_of_backward(fn(logits, ref_logits).sum(), logits)
+        assert (big == [(logits.numel(), torch.bfloat16)]) == ok
+
+
+@gpu_only
+@pytest.mark.parametrize("op", ["token_logprobs", "kl_full"])
+def test_backward_peak_memory_on_gpu(op):
+    # on the device: what the backward allocates at its peak is the gradient and O(rows) more
+    N, V = 256, 50257
+    logits = random_logits((N,), V, torch.bfloat16).requires_grad_()
+    if op == "token_logprobs":
+        lp, h = token_logprobs(logits, torch.randint(0, V, (N,), device=DEVICE),
+                               return_entropy=True)
+        loss = (lp + h).sum()
+    else:
+        loss = kl_full(logits, random_logits((N,), V, torch.bfloat16)).sum()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grad, = torch.autograd.grad(loss, logits)
+    torch.cuda.synchronize()
+    grad_bytes = grad.numel() * grad.element_size()
+    assert torch.cuda.max_memory_allocated() - before <= grad_bytes + 2**20
+
+
+# ---- gae and ppo_advantages ------------------------------------------------------------------
+
+def random_rollout(B, T, mask_dtype):
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[0], lengths[-1] = 0, T  # an all-masked row and a full one
+    mask = (torch.arange(T) < lengths[:, None]).to(mask_dtype)
+    # padding holds junk that must not leak into the outputs
+    junk = lambda: torch.where(mask.bool(), torch.randn(B, T), torch.tensor(1e4))
+    return lengths, mask.to(DEVICE), junk().to(DEVICE), junk().to(DEVICE)
+
+
+GAE_CASES = [(1, 1), (3, 1), (4, 37), (2, 1500)]  # T = 1; odd T; T over the 1024-step chunk
+GAMMA_LAM = [(1.0, 0.95), (0.9, 0.0), (0.99, 1.0)]  # the defaults; no bootstrap; plain returns
+
+
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("B,T", GAE_CASES)
+def test_gae(B, T, mask_dtype, gamma, lam):
+    torch.manual_seed(0)
+    lengths, mask, rewards, values = random_rollout(B, T, mask_dtype)
+    advantages64, returns64 = gae_fp64(rewards, values, lengths, gamma, lam)
+    for fn in (gae, gae_ref):
+        advantages, returns = fn(rewards, values, mask, gamma=gamma, lam=lam)
+        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
+        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+
+
+def kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator):
+    log_ratio = ref_logprobs.double() - logprobs.double()
+    return {"k1": -log_ratio, "k2": log_ratio**2 / 2,
+            "k3": log_ratio.exp() - 1 - log_ratio}[kl_estimator]
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("B,T", GAE_CASES)
+def test_ppo_advantages(B, T, kl_estimator):
+    torch.manual_seed(0)
+    lengths, mask, logprobs, values = random_rollout(B, T, torch.int64)
+    ref_logprobs = torch.where(mask.bool(), logprobs + torch.randn_like(logprobs), 1e4)
+    scores = torch.randn(B, device=DEVICE)
+    kl_coef, gamma, lam = 0.05, 1.0, 0.95
+    kl64 = torch.where(mask.bool(), kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator), 0.0)
+    rewards64 = -kl_coef * kl64.cpu()
+    for b, n in enumerate(lengths.tolist()):
+        if n > 0:
+            rewards64[b, n - 1] += scores[b].item()
+    advantages64, returns64 = gae_fp64(rewards64, values, lengths, gamma, lam)
+    for fn in (ppo_advantages, ppo_advantages_ref):
+        advantages, returns, kl = fn(scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef,
+                                     gamma=gamma, lam=lam, kl_estimator=kl_estimator)
+        torch.testing.assert_close(kl.cpu().double(), kl64.cpu(), **FWD_TOL)
+        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
+        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+
+
+def test_ppo_advantages_rejects_an_unknown_estimator():
+    x = torch.zeros(2, 3, device=DEVICE)
+    for fn in (ppo_advantages, ppo_advantages_ref):
+        with pytest.raises(ValueError, match="kl_estimator"):
+            fn(x[:, 0], x, x, x, x, kl_coef=0.1, gamma=1.0, lam=0.95, kl_estimator="k4")
+
+
+# ---- references by hand ----------------------------------------------------------------------
 
 def test_gae_ref_by_hand():
     # gamma = 0.9, lam = 0.5, so gamma * lam = 0.45; worked out on paper from
@@ -18,11 +362,13 @@ def test_gae_ref_by_hand():
     # row 1: A_2 = 1 - 0.6 = 0.4;  A_1 = (0.9 * 0.6 - 0.4) + 0.45 * 0.4 = 0.32
     #        A_0 = (0.9 * 0.4 - 0.2) + 0.45 * 0.32 = 0.304
     # row 2: all masked, all zeros
-    advantages, returns = gae_ref(rewards, values, mask, gamma=0.9, lam=0.5)
-    torch.testing.assert_close(advantages, torch.tensor(
-        [[0.95, -1.0, 0.0], [0.304, 0.32, 0.4], [0.0, 0.0, 0.0]]))
-    torch.testing.assert_close(returns, torch.tensor(
-        [[1.45, 0.0, 0.0], [0.504, 0.72, 1.0], [0.0, 0.0, 0.0]]))
+    for fn in (gae_ref, gae):
+        advantages, returns = fn(rewards.to(DEVICE), values.to(DEVICE), mask.to(DEVICE),
+                                 gamma=0.9, lam=0.5)
+        torch.testing.assert_close(advantages.cpu(), torch.tensor(
+            [[0.95, -1.0, 0.0], [0.304, 0.32, 0.4], [0.0, 0.0, 0.0]]))
+        torch.testing.assert_close(returns.cpu(), torch.tensor(
+            [[1.45, 0.0, 0.0], [0.504, 0.72, 1.0], [0.0, 0.0, 0.0]]))
 
 
 def test_ppo_advantages_ref_by_hand():
@@ -33,8 +379,10 @@ def test_ppo_advantages_ref_by_hand():
     mask = torch.tensor([[True, True, False]])
     scores = torch.tensor([3.0])
     # k1 = logprobs - ref_logprobs = [0.5, -1.0, (masked)]; rewards = [-0.25, 0.5 + 3 (score), 0]
-    advantages, returns, kl = ppo_advantages_ref(scores, logprobs, ref_logprobs, values, mask,
-                                                 kl_coef=0.5, gamma=1.0, lam=1.0)
-    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0]]))
-    torch.testing.assert_close(advantages, torch.tensor([[3.25 - 0.25, 3.5 - 0.5, 0.0]]))
-    torch.testing.assert_close(returns, torch.tensor([[3.25, 3.5, 0.0]]))
+    for fn in (ppo_advantages_ref, ppo_advantages):
+        advantages, returns, kl = fn(*(t.to(DEVICE) for t in (scores, logprobs, ref_logprobs,
+                                                               values, mask)),
+                                     kl_coef=0.5, gamma=1.0, lam=1.0)
+        torch.testing.assert_close(kl.cpu(), torch.tensor([[0.5, -1.0, 0.0]]))
+        torch.testing.assert_close(advantages.cpu(), torch.tensor([[3.25 - 0.25, 3.5 - 0.5, 0.0]]))
+        torch.testing.assert_close(returns.cpu(), torch.tensor([[3.25, 3.5, 0.0]]))
