@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+from kernels.gae import gae_doubling_ref
 from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages, ppo_advantages_ref,
                      token_logprobs, token_logprobs_ref)
 
@@ -308,7 +309,7 @@ def test_gae(B, T, mask_dtype, gamma, lam):
     torch.manual_seed(0)
     lengths, mask, rewards, values = random_rollout(B, T, mask_dtype)
     advantages64, returns64 = gae_fp64(rewards, values, lengths, gamma, lam)
-    for fn in (gae, gae_ref):
+    for fn in (gae, gae_ref, gae_doubling_ref):
         advantages, returns = fn(rewards, values, mask, gamma=gamma, lam=lam)
         torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
         torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)

@@ -1,0 +1,227 @@
+"""Times each kernel against its PyTorch reference, eager and under torch.compile, on a GPU.
+
+    python -m kernels.bench                  # every op
+    python -m kernels.bench --op gae         # one op (token_logprobs, kl_full, gae, ppo_advantages)
+    python -m kernels.bench | tee benchmarks/kernels-$(date +%F).txt
+
+For each op and shape it prints, per provider: the median time of triton.testing.do_bench (ms),
+the speedup of Triton over it (its ms / Triton's ms), the bandwidth it reaches (GB/s), that as a
+fraction of this device's measured copy bandwidth (a device-to-device copy of 1 GiB), the peak
+memory it allocates beyond its inputs, and how far its output is from the eager reference's.
+GB/s counts the bytes the op cannot avoid moving: each (N, V) or (B, T) tensor read or written
+once; the per-row terms (targets, a few floats per row) are under 0.1% and left out.
+
+Shapes: token_logprobs and kl_full at N = 16384 tokens, V = 50257 (GPT-2) and 128256 (Llama 3),
+bf16 logits, forward and forward + backward; gae and ppo_advantages at B = 512, T = 2048, fp32.
+The GAE references are the Python loop over T (gae_ref) and the best vectorised PyTorch we have
+(gae_doubling_ref); torch.compile gets the vectorised one, since the loop would unroll 2048 steps.
+Without a GPU it says so and exits 0.
+"""
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import triton
+
+import kernels
+from kernels.gae import gae_doubling_ref
+
+N_TOKENS, VOCABS = 16384, (50257, 128256)
+B, T = 512, 2048
+DEVICE = "cuda"
+GB = 1e9
+
+
+def copy_bandwidth():
+    """GB/s of a device-to-device copy of 1 GiB: read once, write once."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / GB
+
+
+def peak_mib(fn):
+    """Peak memory that one call of fn allocates beyond what is already allocated, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def first_output(out):
+    """The tensor to compare across providers: the first output, or the first gradient."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def max_abs_diff(a, b):
+    # row blocks, so that comparing two (N, V) gradients makes no (N, V) fp32 temporary
+    pairs = zip(a.split(256), b.split(256))
+    return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
+
+
+def forward_backward(op, logits):
+    """fn() running op(logits) and the gradient of the sum of its outputs w.r.t. the logits."""
+    logits = logits.detach().requires_grad_()
+
+    def fn():
+        out = op(logits)
+        loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+        return torch.autograd.grad(loss, logits)
+    return fn
+
+
+def run_case(title, nbytes, providers, bandwidth):
+    """Times each provider (name -> fn()) and prints one table. The first provider is Triton, the
+    second the eager reference that every output is compared with."""
+    results, outputs = [], []  # (name, ms, peak MiB, max |diff|); Triton's and the reference's
+    for i, (name, fn) in enumerate(providers.items()):
+        try:
+            out = first_output(fn())
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            peak = peak_mib(fn)
+        except torch.cuda.OutOfMemoryError:
+            out = ms = peak = None
+            torch.cuda.empty_cache()
+        results.append([name, ms, peak, None])
+        if i < 2:
+            outputs.append(out)
+        elif out is not None and outputs[1] is not None:
+            results[i][3] = max_abs_diff(out, outputs[1])
+        del out
+    if None not in outputs:
+        results[0][3], results[1][3] = max_abs_diff(*outputs), 0.0
+    del outputs
+    print(f"\n{title}   ({nbytes / GB:.2f} GB moved at least)")
+    print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{'GB/s':>9}{'of copy':>9}"
+          f"{'peak MiB':>10}{'max |diff|':>12}")
+    triton_ms = results[0][1] or float("nan")
+    for name, ms, peak, diff in results:
+        if ms is None:
+            print(f"{name:<26}{'out of memory':>14}")
+            continue
+        gbps = nbytes / (ms * 1e-3) / GB
+        diff = "-" if diff is None else f"{diff:.2e}"
+        print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{gbps:>9.0f}{gbps / bandwidth:>9.0%}"
+              f"{peak:>10.0f}{diff:>12}")
+
+
+def logprob_cases(bandwidth):
+    for V in VOCABS:
+        logits = torch.randn(N_TOKENS, V, device=DEVICE, dtype=torch.bfloat16) * 4
+        targets = torch.randint(0, V, (N_TOKENS,), device=DEVICE)
+        nbytes = logits.numel() * logits.element_size()  # one read or write of the logits
+
+        def op(x, fn=kernels.token_logprobs):  # the PPO call: at temperature, with the entropy
+            return fn(x, targets, temperature=0.7, return_entropy=True)
+
+        def ref(x):
+            return kernels.token_logprobs_ref(x, targets, temperature=0.7, return_entropy=True)
+        compiled = torch.compile(ref)
+        shape = f"N={N_TOKENS} V={V} bf16"
+        run_case(f"token_logprobs forward, {shape}", nbytes, {
+            "triton": lambda: op(logits), "torch": lambda: ref(logits),
+            "torch.compile": lambda: compiled(logits)}, bandwidth)
+        # forward reads the logits; backward reads them again and writes the gradient
+        run_case(f"token_logprobs forward + backward, {shape}", 3 * nbytes, {
+            "triton": forward_backward(op, logits), "torch": forward_backward(ref, logits),
+            "torch.compile": forward_backward(compiled, logits)}, bandwidth)
+        del logits
+
+
+def kl_cases(bandwidth):
+    for V in VOCABS:
+        logits = torch.randn(N_TOKENS, V, device=DEVICE, dtype=torch.bfloat16) * 4
+        ref_logits = torch.randn(N_TOKENS, V, device=DEVICE, dtype=torch.bfloat16) * 4
+        nbytes = logits.numel() * logits.element_size()
+
+        def op(x):
+            return kernels.kl_full(x, ref_logits, temperature=0.7)
+
+        def ref(x):
+            return kernels.kl_full_ref(x, ref_logits, temperature=0.7)
+        compiled = torch.compile(ref)
+        shape = f"N={N_TOKENS} V={V} bf16"
+        run_case(f"kl_full forward, {shape}", 2 * nbytes, {
+            "triton": lambda: op(logits), "torch": lambda: ref(logits),
+            "torch.compile": lambda: compiled(logits)}, bandwidth)
+        # forward reads both; backward reads both again and writes the gradient
+        run_case(f"kl_full forward + backward, {shape}", 5 * nbytes, {
+            "triton": forward_backward(op, logits), "torch": forward_backward(ref, logits),
+            "torch.compile": forward_backward(compiled, logits)}, bandwidth)
+        del logits, ref_logits
+
+
+def rollout():
+    """A batch of B responses of random lengths 1..T: fp32 (B, T) tensors and a bool mask."""
+    lengths = torch.randint(1, T + 1, (B,), device=DEVICE)
+    mask = torch.arange(T, device=DEVICE) < lengths[:, None]
+    return [torch.randn(B, T, device=DEVICE) for _ in range(3)], mask
+
+
+def gae_cases(bandwidth):
+    (rewards, values, _), mask = rollout()
+    kw = dict(gamma=1.0, lam=0.95)
+    compiled = torch.compile(gae_doubling_ref)
+    # reads rewards, values (fp32) and the mask (1 byte), writes advantages and returns (fp32)
+    run_case(f"gae, B={B} T={T} fp32", B * T * (4 + 4 + 1 + 4 + 4), {
+        "triton": lambda: kernels.gae(rewards, values, mask, **kw),
+        "torch (loop over T)": lambda: kernels.gae_ref(rewards, values, mask, **kw),
+        "torch (doubling)": lambda: gae_doubling_ref(rewards, values, mask, **kw),
+        "torch.compile (doubling)": lambda: compiled(rewards, values, mask, **kw)}, bandwidth)
+
+
+def ppo_advantages_cases(bandwidth):
+    (logprobs, ref_logprobs, values), mask = rollout()
+    scores = torch.randn(B, device=DEVICE)
+    args = (scores, logprobs, ref_logprobs, values, mask)
+    kw = dict(kl_coef=0.05, gamma=1.0, lam=0.95, kl_estimator="k1")
+
+    def doubling(*a, **k):
+        return kernels.ppo_advantages_ref(*a, **k, gae_fn=gae_doubling_ref)
+    compiled = torch.compile(doubling)
+    # reads logprobs, ref_logprobs, values and the mask, writes advantages, returns and kl
+    run_case(f"ppo_advantages, B={B} T={T} fp32", B * T * (3 * 4 + 1 + 3 * 4), {
+        "triton": lambda: kernels.ppo_advantages(*args, **kw),
+        "torch (loop over T)": lambda: kernels.ppo_advantages_ref(*args, **kw),
+        "torch (doubling)": lambda: doubling(*args, **kw),
+        "torch.compile (doubling)": lambda: compiled(*args, **kw)}, bandwidth)
+
+
+CASES = {"token_logprobs": logprob_cases, "kl_full": kl_cases, "gae": gae_cases,
+         "ppo_advantages": ppo_advantages_cases}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Time the Triton kernels against PyTorch.")
+    parser.add_argument("--op", choices=sorted(CASES), help="only this op (default: all)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("kernels.bench: no CUDA GPU on this machine, and the benchmark times GPU kernels; "
+              "nothing to run.")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernels.bench: TRITON_INTERPRET=1 would time the interpreter; unset it.")
+        return 1
+    os.environ["MINRLHF_KERNELS"] = "triton"  # what a CUDA tensor gets anyway; stated here
+    bandwidth = copy_bandwidth()
+    print(f"{datetime.date.today()}  {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}")
+    print(f"measured copy bandwidth: {bandwidth:.0f} GB/s; 'peak MiB' is beyond the inputs; "
+          f"'max |diff|' is against the eager reference")
+    for name, cases in CASES.items():
+        if args.op in (None, name):
+            cases(bandwidth)
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
