@@ -1,8 +1,11 @@
-"""What the kernel files share: the choice between Triton and the PyTorch reference."""
+"""What the kernel files share: the choice between Triton and the PyTorch reference, and
+reading the (..., V) logits as rows without copying them."""
 
 import os
 
 import torch
+import triton
+import triton.language as tl  # noqa: F401  (a jit function needs tl in its module)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -33,3 +36,9 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.unsqueeze(0)
     return x.flatten(0, -3)
+
+
+@triton.jit
+def row_pointer(base_ptr, row, T, stride_b, stride_t):
+    """In a kernel: where row `row` (int64) of a rows_view (B, T, V) tensor starts."""
+    return base_ptr + (row // T) * stride_b + (row % T) * stride_t

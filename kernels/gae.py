@@ -29,9 +29,10 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref
                 advantages_ptr, returns_ptr, kl_ptr, T, gamma, lam, kl_coef,
                 PPO: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):
     # One program per row, walking its T steps backwards in chunks of BLOCK_T; in a chunk, lane i
-    # holds time step (chunk end - i), so that the scan meets later steps first. Reads the mask
-    # and values (and rewards, or for PPO the two log-probs and the score), writes 2 (3) floats
-    # per step; the t + 1 loads hit the cache lines just read.
+    # holds time step (chunk end - i), so that the scan meets later steps first. Reads the mask,
+    # values and rewards (PPO: logprobs and ref_logprobs instead of rewards, and a score per
+    # row) and writes advantages and returns (PPO: and kl): 5 (6) numbers per step. The t + 1
+    # loads hit the cache lines just read.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
     n_chunks = tl.cdiv(T, BLOCK_T)
@@ -67,7 +68,7 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref
             rewards = tl.load(rewards_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
             rewards = tl.where(valid, rewards, 0.0)
         delta = rewards + gamma * next_values - values
-        decay = tl.full((BLOCK_T,), gamma * lam, tl.float32)
+        decay = tl.zeros((BLOCK_T,), tl.float32) + gamma * lam
         # adv is A_t as if A were 0 after the chunk; decay_prod the product of the decays from t
         # to the chunk's end, which carries A from the chunk after it
         decay_prod, adv = tl.associative_scan((decay, delta), 0, _compose)
@@ -98,7 +99,7 @@ def _launch(values, mask, *, gamma, lam, rewards=None, scores=None, logprobs=Non
                           scores.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(),
                           advantages, returns, kl, T, float(gamma), float(lam), float(kl_coef),
                           PPO=ppo, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
-                          BLOCK_T=min(1024, triton.next_power_of_2(T)))
+                          BLOCK_T=min(1024, max(16, triton.next_power_of_2(T))))
     return advantages, returns, kl
 
 

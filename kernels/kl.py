@@ -1,10 +1,10 @@
 """kl_full: the exact KL(policy || reference) per token, summed over the whole vocabulary.
 
-With x = logits / T, y = ref_logits / T (fp32), p = softmax(x), q = softmax(y), and for each
-m = max x, s = sum exp(x - m) (ref_m, ref_s the same for y), per row
-    log p_v - log q_v = (x_v - y_v) - (m - ref_m) - (log s - log ref_s)
+With x = logits / temperature and y = ref_logits / temperature in fp32, p = softmax(x),
+q = softmax(y), m = max x, s = sum exp(x - m), and ref_m, ref_s the same for y, per row
+    log p_v - log q_v = ((x_v - m) - (y_v - ref_m)) - (log s - log ref_s)
     KL = sum_v p_v (log p_v - log q_v) = u / s - (log s - log ref_s),
-    u = sum_v exp(x_v - m) ((x_v - m) - (y_v - ref_m))
+    u  = sum_v exp(x_v - m) ((x_v - m) - (y_v - ref_m))
 The forward reads both rows once in chunks, keeping running maxima and sums for both (the online
 softmax, as in logprobs.py) and u, rescaled whenever a max grows. Every difference is taken
 relative to the maxima, never through lse = m + log s or x - y: at logits of 1e4 the fp32 spacing
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import rows_view, use_triton
+from kernels._common import row_pointer, rows_view, use_triton
 
 BLOCK_V = 4096  # elements of a row per loop step; a power of two, as tl.arange needs
 
@@ -26,8 +26,8 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
                 BLOCK_V: tl.constexpr):
     # one program per row; reads 2 * V logits, writes 5 floats
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at N*V > 2e9
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    ref_row_ptr = ref_ptr + (row // T) * ref_stride_b + (row % T) * ref_stride_t
+    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
+    ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
     offs = tl.arange(0, BLOCK_V)
     # the maxima start at the rows' first values, so that the first rescale multiplies finite ones
     m = tl.load(row_ptr).to(tl.float32) / temperature  # running max of x
@@ -68,8 +68,8 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     # one program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype).
     #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d logits = (d / d x) / temperature
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    ref_row_ptr = ref_ptr + (row // T) * ref_stride_b + (row % T) * ref_stride_t
+    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
+    ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
     grad_row_ptr = grad_logits_ptr + row * V  # the gradient is allocated contiguous
     kl = tl.load(kl_ptr + row)
     m = tl.load(max_ptr + row)
@@ -83,14 +83,15 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
         in_row = cols < V
         x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
         y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        p = tl.exp((x - m) - log_s)
+        p = tl.where(in_row, tl.exp((x - m) - log_s), 0.0)  # so masked lanes stay finite
         log_ratio = ((x - m) - (y - ref_m)) - (log_s - ref_log_s)  # log p - log q
         grad = grad_kl * p * (log_ratio - kl) / temperature
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
 def _block(V):
-    return min(BLOCK_V, triton.next_power_of_2(V))
+    # at least 16 lanes: narrower blocks save nothing and are the compiler's least-trodden path
+    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
 
 
 class _KLFull(torch.autograd.Function):

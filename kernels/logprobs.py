@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import rows_view, use_triton
+from kernels._common import row_pointer, rows_view, use_triton
 
 BLOCK_V = 4096  # elements of a row per loop step; a power of two, as tl.arange needs
 
@@ -25,7 +25,7 @@ def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log
                 stride_b, stride_t, T, V, temperature, BLOCK_V: tl.constexpr):
     # one program per row; reads V logits and a target, writes 4 floats
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at N*V > 2e9
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
     target = tl.load(targets_ptr + row)
     x_target = tl.load(row_ptr + target).to(tl.float32) / temperature
     offs = tl.arange(0, BLOCK_V)
@@ -61,7 +61,7 @@ def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad
     #   d entropy / d x_v = -p_v (log p_v + entropy)
     # and d / d logits = (d / d x) / temperature.
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
     grad_row_ptr = grad_logits_ptr + row * V  # the gradient is allocated contiguous
     target = tl.load(targets_ptr + row)
     entropy = tl.load(entropy_ptr + row)
@@ -75,7 +75,7 @@ def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad
         in_row = cols < V
         x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
         logp = (x - m) - log_s
-        p = tl.exp(logp)
+        p = tl.where(in_row, tl.exp(logp), 0.0)  # so that masked lanes stay finite
         grad = grad_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
         grad -= grad_entropy * p * (logp + entropy)
         tl.store(grad_row_ptr + cols, (grad / temperature).to(grad_logits_ptr.dtype.element_ty),
@@ -83,7 +83,8 @@ def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad
 
 
 def _block(V):
-    return min(BLOCK_V, triton.next_power_of_2(V))
+    # at least 16 lanes: narrower blocks save nothing and are the compiler's least-trodden path
+    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
 
 
 class _TokenLogprobs(torch.autograd.Function):

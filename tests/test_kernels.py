@@ -1,7 +1,9 @@
 """Tests for kernels/: each Triton kernel against its PyTorch reference, and both against an fp64
 computation, forward and backward. Without a GPU the kernels run on CPU tensors through
 TRITON_INTERPRET=1 (set in conftest.py), which is slow: shapes stay tiny except a few rows at
-V = 50257, the GPT-2 vocabulary, which is not a multiple of the kernels' 4096-wide blocks.
+V = 50257, the GPT-2 vocabulary, which is not a multiple of the kernels' 4096-wide blocks. The
+kernels run one program per row, so the odd sizes that matter are V (and T for GAE, whose blocks
+are up to 1024 steps): V = 1, 7, 4099, 50257 and T = 1, 37, 1500.
 
 Tolerances. Forward outputs are fp32 computed in fp32 from the same (rounded) inputs as the fp64
 truth, whatever the input dtype, so they must agree to fp32 accuracy: rtol = atol = 1e-5. fp32's
@@ -13,17 +15,15 @@ log_softmax backward sums V products in fp32 and is off by ~1e-5 at V = 50257 (t
 ~1e-6), while a wrong sign, temperature factor or normaliser is off by the gradient itself.
 """
 
-import os
-
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-from kernels.gae import gae_doubling_ref
 from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages, ppo_advantages_ref,
                      token_logprobs, token_logprobs_ref)
+from kernels.gae import gae_doubling_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -31,6 +31,8 @@ FWD_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 # (leading shape, V): V = 1; V not a power of two, in 1-D and 3-D; V = 50257, several chunks
 SHAPES = [((4,), 1), ((3,), 7), ((2, 3), 7), ((3,), 50257)]
+over_dtypes_and_temperatures = pytest.mark.parametrize(
+    "dtype,temperature", [(dtype, t) for dtype in DTYPES for t in (1.0, 0.7)])
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Under the interpreter a NaN or inf made in a kernel's masked-off lanes shows up as a numpy
@@ -160,12 +162,23 @@ def test_dispatch_follows_env_and_device(monkeypatch):
     monkeypatch.setenv("MINRLHF_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MINRLHF_KERNELS"):
         kernels._common.use_triton(x)
+    if not x.is_cuda:  # Triton on CPU tensors without the interpreter: one clear sentence
+        monkeypatch.setenv("MINRLHF_KERNELS", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            kernels._common.use_triton(x)
+
+
+def test_rows_view_reads_sliced_logits_in_place():
+    full = torch.randn(2, 6, 7)
+    rows = kernels._common.rows_view(full[:, 1:-1])  # as PPO slices the response's logits
+    assert rows.shape == (2, 4, 7) and rows.data_ptr() == full[:, 1:].data_ptr()
+    assert kernels._common.rows_view(full[0, 0]).shape == (1, 1, 7)
 
 
 # ---- token_logprobs --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_dtypes_and_temperatures
 @pytest.mark.parametrize("lead,V", SHAPES)
 def test_token_logprobs(lead, V, dtype, temperature):
     torch.manual_seed(0)
@@ -174,8 +187,7 @@ def test_token_logprobs(lead, V, dtype, temperature):
     check_token_logprobs(logits, targets, temperature)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_dtypes_and_temperatures
 @pytest.mark.parametrize("V", [7, 4099])
 def test_token_logprobs_extreme_logits(V, dtype, temperature):
     logits = extreme_logits(V, dtype)
@@ -227,8 +239,7 @@ def test_token_logprobs_backward_makes_no_fp32_logits():
 
 # ---- kl_full ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_dtypes_and_temperatures
 @pytest.mark.parametrize("lead,V", SHAPES)
 def test_kl_full(lead, V, dtype, temperature):
     torch.manual_seed(0)
@@ -237,8 +248,7 @@ def test_kl_full(lead, V, dtype, temperature):
     check_kl_full(logits, ref_logits, temperature)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_dtypes_and_temperatures
 @pytest.mark.parametrize("V", [7, 4099])
 def test_kl_full_extreme_logits(V, dtype, temperature):
     logits = extreme_logits(V, dtype)
