@@ -85,7 +85,8 @@ def _launch(values, mask, *, gamma, lam, rewards=None, scores=None, logprobs=Non
     instead of rewards, forms the PPO rewards in the same launch and also fills kl."""
     ppo = rewards is None
     B, T = values.shape
-    advantages, returns = torch.empty(2, B, T, device=values.device).unbind(0)
+    advantages = torch.empty(B, T, device=values.device)
+    returns = torch.empty(B, T, device=values.device)
     if ppo:
         _check_kl_estimator(kl_estimator)
         kl = torch.empty(B, T, device=values.device)

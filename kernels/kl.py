@@ -103,14 +103,17 @@ class _KLFull(torch.autograd.Function):
         assert logits.shape == ref_logits.shape, "logits and ref_logits must have the same shape"
         rows, ref_rows = rows_view(logits), rows_view(ref_logits)  # (B, T, V)
         B, T, V = rows.shape
-        stats = torch.empty(5, B * T, device=logits.device).unbind()
-        if B * T > 0:  # stats: kl, max, log_sum, ref_max, ref_log_sum
-            _fwd_kernel[(B * T,)](rows, ref_rows, *stats, *rows.stride()[:2],
+        # kl is a tensor of its own, not a view, so that callers may modify it in place
+        kl = torch.empty(logits.shape[:-1], device=logits.device)
+        stats = torch.empty(4, B * T, device=logits.device).unbind()  # max, log_sum, ref_...
+        if B * T > 0:
+            _fwd_kernel[(B * T,)](rows, ref_rows, kl, *stats, *rows.stride()[:2],
                                   *ref_rows.stride()[:2], T, V, temperature, BLOCK_V=_block(V),
                                   num_warps=8)
-        ctx.save_for_backward(logits, ref_logits, *stats)
+        # a copy of kl (O(rows)) is saved, so that the caller may still modify kl in place
+        ctx.save_for_backward(logits, ref_logits, kl.clone(), *stats)
         ctx.temperature = temperature
-        return stats[0].view(logits.shape[:-1])
+        return kl
 
     @staticmethod
     def backward(ctx, grad_kl):

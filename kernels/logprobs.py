@@ -98,16 +98,19 @@ class _TokenLogprobs(torch.autograd.Function):
         B, T, V = rows.shape
         targets = targets.reshape(-1).contiguous()  # (N,)
         assert targets.numel() == B * T, "targets must have the logits' leading shape"
-        logprobs, entropy, row_max, log_sum = torch.empty(4, B * T, device=logits.device).unbind()
+        # outputs are tensors of their own, not views, so that callers may modify them in place
+        logprobs = torch.empty(logits.shape[:-1], device=logits.device)
+        entropy = torch.empty(logits.shape[:-1], device=logits.device)
+        row_max, log_sum = torch.empty(2, B * T, device=logits.device).unbind()
         if B * T > 0:
             _fwd_kernel[(B * T,)](rows, targets, logprobs, entropy, row_max, log_sum,
                                   rows.stride(0), rows.stride(1), T, V, temperature,
                                   BLOCK_V=_block(V), num_warps=8)
-        ctx.save_for_backward(logits, targets, entropy, row_max, log_sum)
+        # a copy of the entropy (O(rows)) is saved, so that the caller may modify it in place
+        ctx.save_for_backward(logits, targets, entropy.clone(), row_max, log_sum)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        lead = logits.shape[:-1]
-        return logprobs.view(lead), entropy.view(lead)
+        return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
@@ -115,8 +118,8 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = rows_view(logits)
         B, T, V = rows.shape
         # an output that does not reach the loss contributes nothing: zeros, O(rows)
-        grad_logprobs = torch.zeros_like(entropy) if grad_logprobs is None else grad_logprobs
-        grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
+        grad_logprobs = torch.zeros_like(log_sum) if grad_logprobs is None else grad_logprobs
+        grad_entropy = torch.zeros_like(log_sum) if grad_entropy is None else grad_entropy
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if B * T > 0:
             _bwd_kernel[(B * T,)](rows, targets, entropy, row_max, log_sum,

@@ -237,6 +237,23 @@ def test_token_logprobs_backward_makes_no_fp32_logits():
         assert (big == [(logits.numel(), torch.bfloat16)]) == ok
 
 
+def test_outputs_can_be_modified_in_place():
+    # ppo.py may mask or whiten what these return in place: outputs are not views, and what the
+    # backward needs is not an output
+    logits = random_logits((2, 3), 11, torch.float32).requires_grad_()
+    targets = torch.randint(0, 11, (2, 3), device=DEVICE)
+    lp, h = token_logprobs(logits, targets, return_entropy=True)
+    kl = kl_full(logits, random_logits((2, 3), 11, torch.float32))
+    lp[:, -1] = 0.0
+    h.mul_(2)
+    kl.mul_(2)
+    torch.autograd.grad((lp + h + kl).sum(), logits)
+    x = torch.randn(2, 3, device=DEVICE)
+    for out in (*gae(x, x, x > 0, gamma=1.0, lam=0.95),
+                *ppo_advantages(x[:, 0], x, x, x, x > 0, kl_coef=0.1, gamma=1.0, lam=0.95)):
+        out[0, 0] = 1.0
+
+
 # ---- kl_full ---------------------------------------------------------------------------------
 
 @over_dtypes_and_temperatures
