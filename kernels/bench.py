@@ -96,7 +96,7 @@ def run_case(title, nbytes, providers, bandwidth):
         elif out is not None and outputs[1] is not None:
             results[i][3] = max_abs_diff(out, outputs[1])
         del out
-    if None not in outputs:
+    if all(out is not None for out in outputs):
         results[0][3], results[1][3] = max_abs_diff(*outputs), 0.0
     del outputs
     print(f"\n{title}   ({nbytes / GB:.2f} GB moved at least)")
