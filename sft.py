@@ -42,7 +42,7 @@ class Config:
     n_demos: int = 6000  # built-in task: how many demonstrations to learn from
     batch_size: int = 64  # sequences per optimizer step, over all processes
     micro_batch_size: int = 64  # sequences per forward pass per process (gradient accumulation)
-    max_steps: int = 800  # optimizer steps
+    max_steps: int = 400  # optimizer steps
     lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to lr/10)
     warmup_steps: int = 50  # learning-rate warmup
     weight_decay: float = 0.1  # AdamW weight decay on matrices
@@ -118,7 +118,7 @@ def main():
     logger = Logger(cfg.out, d.master)
     model.train()
     t0, tokens = time.time(), 0
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=not d.master, dynamic_ncols=True)
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=None if d.master else True, dynamic_ncols=True)
     for step in bar:
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=gen), 0

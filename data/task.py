@@ -63,8 +63,16 @@ def prompts(split):
     return out
 
 
+PROMPT_RE = re.compile(r"(\w+): .*?(\d+) (?:plus|and) (\d+)[?.]\nbot:$")
+
+
+def is_task_prompt(prompt):
+    """True for the built-in task's prompts (the ones the gold judge can score)."""
+    return PROMPT_RE.match(prompt) is not None
+
+
 def parse_prompt(prompt):
-    m = re.match(r"(\w+): .*?(\d+) (?:plus|and) (\d+)", prompt)
+    m = PROMPT_RE.match(prompt)
     if m is None:
         raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
     return m.group(1), int(m.group(2)), int(m.group(3))

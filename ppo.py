@@ -1,0 +1,286 @@
+"""
+Stage 3, PPO: make the SFT policy score higher under the reward model while a KL penalty keeps
+it near the frozen SFT reference (InstructGPT, Ouyang et al. 2022, section 3.5; the defaults
+follow "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024).
+
+Each update: 1. sample prompts; 2. generate responses; 3. score them with the reward model and
+run the policy, the reference and the value model over the finished rollout; 4. per-token
+rewards = -beta * KL_t, plus the score on the last token; 5. GAE advantages, whitened;
+6. several epochs of clipped policy and value losses over minibatches; 7. adapt beta.
+
+    python ppo.py                            # built-in task: out/sft policy, out/reward reward model
+    python ppo.py --init out/sft/ckpt.pt --reward out/reward/ckpt.pt --data prompts.jsonl --out out/ppo
+    torchrun --nproc_per_node=2 ppo.py
+
+Data: prompts JSONL ({prompt}; any file with a prompt field, HH-RLHF too), or "task".
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, make_optimizer, \
+    parse_config, print0, run_main, save_checkpoint, setup
+from data import task
+from data.formats import load_prompts
+from data.tokenizer import get_tokenizer
+from kernels import ppo_advantages, token_logprobs
+from sample import decode, encode_prompts, generate
+
+
+@dataclass
+class Config:
+    data: str = "task"  # prompts JSONL (.gz too), or "task" for the built-in task's train prompts
+    init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the policy starts here and stays the frozen reference
+    reward: str = "out/reward/ckpt.pt"  # reward model checkpoint; the value model starts from it
+    out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl
+    updates: int = 120  # rollout + optimisation rounds
+    batch_size: int = 64  # prompts per rollout, over all processes
+    mini_batch_size: int = 16  # sequences per PPO gradient step, over all processes
+    ppo_epochs: int = 4  # passes over each rollout
+    lr: float = 1e-4  # Adam learning rate for policy and value model
+    max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
+    temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
+    kl_coef: float = 0.2  # beta: weight of the per-token KL penalty
+    kl_estimator: str = "k1"  # per-token KL: k1 = log p/q, k2, k3 (Schulman's note on KL approximations)
+    adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # adaptive beta: KL per response to aim at (nats)
+    kl_horizon: int = 10000  # adaptive beta: how fast it moves (responses)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value prediction clip
+    vf_coef: float = 0.1  # weight of the value loss
+    grad_clip: float = 1.0  # max gradient norm
+    save_every: int = 0  # updates between checkpoints (0: at the end only)
+    skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
+    seed: int = 0  # same seed, same numbers (on CPU)
+    device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def masked_mean(x, mask, d=None):
+    """Mean of x where mask is 1; over all processes when d (a Dist) is given."""
+    total = torch.stack([(x * mask).sum(), mask.sum()]).double()
+    if d is not None and d.ddp:
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).float()
+
+
+def masked_whiten(x, mask, d=None):
+    """(x - mean) / std over the valid entries (of every process); masked entries become 0."""
+    mean = masked_mean(x, mask, d)
+    var = masked_mean((x - mean) ** 2, mask, d)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def response_mask(response, eos_id):
+    """(B, N) 1 up to and including each row's first EOS (all ones if it never ends)."""
+    is_eos = (response == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    stats = {"ppo/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
+             "ppo/approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
+             "ppo/ratio_mean": masked_mean(ratio, mask)}
+    return masked_mean(losses, mask), stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss: the prediction may move at most cliprange_value from the rollout's."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, mask), {"val/clipfrac": masked_mean(((values - old_values).abs() > cliprange_value).float(), mask)}
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+def response_logprobs(policy, seq, mask, P, temperature, return_entropy=False):
+    """Log-probs (B, N) of the response tokens seq[:, P:] under the policy at `temperature`."""
+    with autocast(seq.device):
+        logits = policy(seq[:, :-1], mask[:, :-1])[:, P - 1:]  # (B, N, V): position t predicts t+1
+    return token_logprobs(logits, seq[:, P:], temperature=temperature, return_entropy=return_entropy)
+
+
+def response_values(value_model, seq, mask, P):
+    """Value (B, N) of the state before each response token."""
+    with autocast(seq.device):
+        return value_model(seq[:, :-1], mask[:, :-1])[:, P - 1:].float()
+
+
+@torch.no_grad()
+def reward_scores(reward_model, seq, mask):
+    """The reward model's score of each sequence, read on its last valid token. (B,)"""
+    with autocast(seq.device):
+        values = reward_model(seq, mask).float()  # (B, T)
+    last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # column of the last 1 in each row
+    return values[torch.arange(seq.size(0), device=seq.device), last]
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    cfg = parse_config(Config)
+    d = setup(cfg.device, cfg.seed)
+    assert cfg.batch_size % d.world_size == 0 and cfg.mini_batch_size % d.world_size == 0, "batch sizes must divide by the number of processes"
+    assert cfg.batch_size % cfg.mini_batch_size == 0, "batch_size must be a multiple of mini_batch_size"
+    assert cfg.kl_estimator in ("k1", "k2", "k3"), f"unknown kl_estimator {cfg.kl_estimator!r}"
+    local_batch, local_mini = cfg.batch_size // d.world_size, cfg.mini_batch_size // d.world_size
+
+    # ---- models: policy and frozen reference from SFT; value model and frozen reward model from the RM
+    policy = load_model(cfg.init, kind="policy", device=d.device)
+    ref_policy = load_model(cfg.init, kind="policy", device=d.device).eval().requires_grad_(False)
+    reward_model = load_model(cfg.reward, kind="reward", device=d.device).eval().requires_grad_(False)
+    value_model = load_model(cfg.reward, kind="reward", device=d.device)
+    if reward_model.config.tokenizer != policy.config.tokenizer:
+        raise CheckpointError(f"{cfg.reward}: reward model uses tokenizer {reward_model.config.tokenizer!r} "
+                              f"but the policy {cfg.init} uses {policy.config.tokenizer!r}")
+    enc = get_tokenizer(policy.config.tokenizer)
+    eos = enc.eot_token
+    # No dropout anywhere (N+ details): the rollout's log-probs and the first training forward agree.
+    assert policy.config.dropout == 0 and value_model.config.dropout == 0, "PPO needs dropout 0"
+    print0(f"policy {policy.num_params() / 1e6:.2f}M, value {value_model.num_params() / 1e6:.2f}M parameters; "
+           f"device {d.device}, {d.world_size} process(es)")
+    optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, 0.0, d.device, betas=(0.9, 0.999))
+    ddp_policy = DDP(policy) if d.ddp else policy
+    ddp_value = DDP(value_model) if d.ddp else value_model
+
+    # ---- prompts
+    if cfg.data == "task":
+        prompts = task.prompts("train")
+    else:
+        prompts = load_prompts(cfg.data, skip_bad_lines=cfg.skip_bad_lines)
+    prompt_ids = encode_prompts(enc, prompts, policy.config.block_size - cfg.max_new_tokens)
+    on_task = all(task.is_task_prompt(p) for p in prompts[:100])
+    print0(f"data: {len(prompts)} prompts" + (" (built-in task: the gold score is logged, never trained on)" if on_task else ""))
+
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
+    sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)  # each process its own samples
+    order, cursor = torch.randperm(len(prompts), generator=gen), 0
+    beta = cfg.kl_coef
+    logger = Logger(cfg.out, d.master)
+    t_start = time.time()
+    bar = tqdm(range(1, cfg.updates + 1), desc="ppo", disable=None if d.master else True, dynamic_ncols=True)
+    for update in bar:
+        # ---- 1. prompts for this rollout: the global batch, this process's share of it
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(prompts), generator=gen), 0
+        batch_idx = order[cursor:cursor + cfg.batch_size][d.rank * local_batch:(d.rank + 1) * local_batch].tolist()
+        cursor += cfg.batch_size
+
+        # ---- 2. generate, cut each response after its EOS
+        t0 = time.time()
+        policy.eval()
+        query, query_mask, response = generate(policy, [prompt_ids[i] for i in batch_idx], max_new_tokens=cfg.max_new_tokens,
+                                               temperature=cfg.temperature, generator=sample_gen)
+        P = query.size(1)
+        mask = response_mask(response, eos).float()  # (B, N)
+        seq = torch.cat([query, response], 1)  # (B, P + N)
+        seq_mask = torch.cat([query_mask, mask.long()], 1)
+        t_gen = time.time() - t0
+
+        # ---- 3. score the finished rollout: no dropout, no gradient, in minibatch-sized chunks,
+        # exactly as the first training minibatch will see it (so its ratio is exactly 1)
+        t0 = time.time()
+        with torch.no_grad():
+            old_logprobs, ref_logprobs, old_values, scores = [], [], [], []
+            for s in range(0, local_batch, local_mini):
+                c = slice(s, s + local_mini)
+                old_logprobs.append(response_logprobs(policy, seq[c], seq_mask[c], P, cfg.temperature))
+                ref_logprobs.append(response_logprobs(ref_policy, seq[c], seq_mask[c], P, cfg.temperature))
+                old_values.append(response_values(value_model, seq[c], seq_mask[c], P))
+                scores.append(reward_scores(reward_model, seq[c], seq_mask[c]))
+            old_logprobs, ref_logprobs, old_values, scores = (torch.cat(x) for x in (old_logprobs, ref_logprobs, old_values, scores))
+            ended = (response == eos).any(1)
+            raw_scores = scores
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()  # N+ details: punish rambling on
+
+            # ---- 4 + 5. KL-shaped rewards and GAE in one fused op, then whitened advantages
+            advantages, returns, kl = ppo_advantages(scores, old_logprobs, ref_logprobs, old_values, mask, kl_coef=beta,
+                                                     gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask, d)
+        t_score = time.time() - t0
+
+        # ---- 6. PPO epochs over minibatches
+        t0 = time.time()
+        policy.train()
+        value_model.train()
+        stats = []
+        for epoch in range(cfg.ppo_epochs):
+            # epoch 0 in rollout order (already a random sample of prompts), later ones shuffled
+            perm = torch.arange(local_batch) if epoch == 0 else torch.randperm(local_batch, generator=gen)
+            for s in range(0, local_batch, local_mini):
+                mb = perm[s:s + local_mini].to(d.device)
+                m = mask[mb]
+                logprobs, entropy = response_logprobs(ddp_policy, seq[mb], seq_mask[mb], P, cfg.temperature, return_entropy=True)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                values = response_values(ddp_value, seq[mb], seq_mask[mb], P)
+                vf_loss, vf_stats = value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()), cfg.grad_clip)
+                optimizer.step()
+                stats.append({"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
+                              "objective/entropy": masked_mean(entropy.detach(), m), **pg_stats, **vf_stats})
+                if update == 1 and epoch == 0 and s == 0:  # nothing has changed yet: the ratio is exactly 1
+                    first_ratio_error = (logprobs - old_logprobs[mb]).exp().sub(1).abs().max().item()
+        t_train = time.time() - t0
+
+        # ---- 7. adaptive KL controller (Ziegler et al. 2019, section 2.2): proportional, clipped
+        kl_per_response = (kl * mask).sum(1)  # (B,)
+        mean_kl = all_reduce_mean(kl_per_response.mean().item(), d)
+        if cfg.adaptive_kl:
+            error = max(-0.2, min(0.2, mean_kl / cfg.target_kl - 1))
+            beta *= 1 + error * cfg.batch_size / cfg.kl_horizon
+
+        # ---- log
+        var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        var_residual = masked_mean((returns - old_values - masked_mean(returns - old_values, mask)) ** 2, mask)
+        metrics = {"objective/score": raw_scores.mean().item(), "objective/kl": mean_kl,
+                   "objective/rlhf_reward": (scores - beta * kl_per_response).mean().item(),
+                   **{k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]},
+                   "val/explained_var": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
+                   "rollout/resp_len": mask.sum(1).mean().item(), "rollout/eos_rate": ended.float().mean().item(),
+                   "beta": beta}
+        if on_task:  # monitoring only: PPO never sees the gold score
+            texts = [decode(enc, r) for r in response.tolist()]
+            metrics["gold"] = sum(task.gold_score(prompts[i], t) for i, t in zip(batch_idx, texts)) / len(texts)
+        metrics = {k: all_reduce_mean(v, d) if k != "beta" else v for k, v in metrics.items()}
+        seconds = t_gen + t_score + t_train
+        metrics.update({"tok/s": round(float(seq_mask.sum()) * d.world_size / seconds), "time/generation": t_gen,
+                        "time/scoring": t_score, "time/training": t_train})
+        if update == 1:
+            metrics["ppo/first_ratio_error"] = first_ratio_error  # max |ratio - 1|, on the first minibatch
+        console = ["objective/score", "objective/kl", "gold", "objective/entropy", "ppo/clipfrac", "rollout/resp_len", "beta", "tok/s"]
+        logger.log(update, metrics, console=console, bar=bar)
+        if d.master and cfg.save_every and update % cfg.save_every == 0:
+            save(cfg, policy, value_model, optimizer, update, beta)
+
+    print0(f"ppo done: {cfg.updates} updates in {time.time() - t_start:.0f}s")
+    if d.master:
+        save(cfg, policy, value_model, optimizer, cfg.updates, beta)
+        print0(f"saved {cfg.out}/ckpt.pt (policy) and {cfg.out}/value.pt")
+    cleanup(d)
+
+
+def save(cfg, policy, value_model, optimizer, update, beta):
+    save_checkpoint(f"{cfg.out}/ckpt.pt", policy, kind="policy", config=cfg, step=update, optimizer=optimizer, beta=beta)
+    save_checkpoint(f"{cfg.out}/value.pt", value_model, kind="value", config=cfg, step=update)
+
+
+if __name__ == "__main__":
+    run_main(main)
