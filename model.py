@@ -12,7 +12,10 @@ position ids come from the attention mask (a row's first real token is position 
 real token attends to a pad.
 """
 
+import json
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +211,81 @@ class GPT(nn.Module):
                 break
         return torch.stack(new, dim=1)
 
+    # ------------------------------------------------------------------ GPT-2 checkpoints (Hugging Face layout)
+
+    @classmethod
+    def from_pretrained(cls, path, head=None):
+        """A GPT from a local Hugging Face GPT-2 directory: config.json plus model.safetensors
+        (or shards listed in model.safetensors.index.json, or pytorch_model.bin). Any GPT-2 size
+        or a custom config of the same architecture. head: "lm" or "scalar"; default "scalar"
+        when the directory has the score head that save_pretrained writes beside a reward
+        model's trunk, else "lm". A new scalar head starts as GPT.__init__ sets it."""
+        hf = _read_hf_config(path)
+        has_score = os.path.exists(os.path.join(path, SCORE_FILE))
+        head = head or ("scalar" if has_score else "lm")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           dropout=0.0,  # GPT-2 trained with 0.1; RLHF runs with dropout off
+                           bias=True, head=head, tokenizer=hf.get("minrlhf_tokenizer", "gpt2"))
+        if config.tokenizer == "gpt2" and config.vocab_size < GPT2_VOCAB:
+            raise PretrainedError(f"{path}: its vocabulary of {config.vocab_size} tokens is smaller than GPT-2's "
+                                  f"{GPT2_VOCAB}; set \"minrlhf_tokenizer\" in its config.json to the tokenizer it was trained with")
+        model = cls(config)
+        ours = model.state_dict()
+        state = {}
+        for name, w in _read_hf_weights(path).items():
+            if name == "lm_head.weight" or re.fullmatch(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias", name):
+                continue  # lm_head is tied to wte; the others are old transformers versions' causal-mask buffers
+            name = name if name.startswith("transformer.") else "transformer." + name  # GPT2Model saves without the prefix
+            if name not in ours:
+                raise PretrainedError(f"{path}: unexpected weight {name!r}: not a GPT-2 language model")
+            if name.endswith(CONV1D_WEIGHTS):
+                w = w.t()  # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in)
+            if w.shape != ours[name].shape:
+                raise PretrainedError(f"{path}: weight {name} has shape {tuple(w.shape)} but its config.json "
+                                      f"implies {tuple(ours[name].shape)}")
+            state[name] = w
+        missing = [k for k in ours if k not in state and k not in ("lm_head.weight", "score.weight", "score.bias")]
+        if missing:
+            raise PretrainedError(f"{path}: weight {missing[0]} is missing ({len(missing)} missing in all)")
+        if head == "scalar" and has_score:
+            from safetensors.torch import load_file
+            state.update({"score." + k: v for k, v in load_file(os.path.join(path, SCORE_FILE)).items()})
+        model.load_state_dict(state, strict=False)  # lm_head is wte; a new scalar head keeps its init
+        return model
+
+    def save_pretrained(self, path):
+        """Write a directory that Hugging Face's GPT2LMHeadModel.from_pretrained loads as it is:
+        config.json and model.safetensors. A reward or value model writes the same trunk and its
+        scalar head beside it, in score.safetensors, which GPT.from_pretrained reads back."""
+        from safetensors.torch import save_file
+        c = self.config
+        if not c.bias:
+            raise PretrainedError(f"{path}: GPT-2 has biases everywhere, so a model with bias=False cannot be saved in its layout")
+        os.makedirs(path, exist_ok=True)
+        trunk = {}
+        for name, w in self.state_dict().items():
+            if not name.startswith("transformer."):
+                continue  # lm_head is tied to wte, and transformers ties it back; the score goes apart
+            trunk[name] = (w.t() if name.endswith(CONV1D_WEIGHTS) else w).detach().float().cpu().contiguous()
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+              "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd,
+              "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+              "tie_word_embeddings": True, "initializer_range": 0.02, "dtype": "float32",
+              "minrlhf_tokenizer": c.tokenizer}  # read back by from_pretrained; transformers ignores it
+        if c.tokenizer == "gpt2":
+            hf.update(bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)  # <|endoftext|>
+        _atomic(os.path.join(path, "config.json"), lambda f: _write_json(f, hf))
+        _atomic(os.path.join(path, "model.safetensors"), lambda f: save_file(trunk, f, metadata={"format": "pt"}))
+        score_path = os.path.join(path, SCORE_FILE)
+        if self.score is not None:
+            head = {k: v.detach().float().cpu().contiguous() for k, v in self.score.state_dict().items()}
+            _atomic(score_path, lambda f: save_file(head, f, metadata={"format": "pt"}))
+        elif os.path.exists(score_path):
+            os.remove(score_path)  # a policy saved over an old reward model's directory
+
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits: (B, V) -> (B,) token ids. temperature 0 is greedy."""
@@ -225,3 +303,64 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- GPT-2 checkpoint files
+
+GPT2_VOCAB = 50257  # GPT-2's tokenizer: 50,000 merges + 256 bytes + <|endoftext|>
+SCORE_FILE = "score.safetensors"  # a reward / value model's head, beside its GPT-2 trunk
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class PretrainedError(ValueError):
+    """A GPT-2 directory that cannot be loaded or written; str(e) says why in one sentence."""
+
+
+def _read_hf_config(path):
+    """config.json of a GPT-2 directory, checked against what model.py implements."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise PretrainedError(f"{path}: no config.json, so not a Hugging Face model directory")
+    with open(file) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise PretrainedError(f"{file}: model_type is {hf.get('model_type')!r}; only GPT-2 checkpoints can be loaded")
+    # what GPT-2's code can switch but model.py does not implement; each default is GPT-2's own
+    for key, default, ok in [("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+                             ("n_inner", None, (None, 4 * hf.get("n_embd", 768))),
+                             ("layer_norm_epsilon", 1e-5, (1e-5,)),
+                             ("scale_attn_weights", True, (True,)),
+                             ("scale_attn_by_inverse_layer_idx", False, (False,)),
+                             ("add_cross_attention", False, (False,)),
+                             ("tie_word_embeddings", True, (True,))]:
+        if hf.get(key, default) not in ok:
+            raise PretrainedError(f"{file}: {key} = {hf[key]!r} is not supported (GPT-2 uses {ok[0]!r})")
+    hf = {"n_positions": 1024, "vocab_size": GPT2_VOCAB, "n_layer": 12, "n_head": 12, "n_embd": 768, **hf}
+    return hf
+
+
+def _read_hf_weights(path):
+    """name -> tensor from model.safetensors (one file or shards) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+    one, index, pt = (os.path.join(path, f) for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    if os.path.exists(one):
+        return load_file(one)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)  # no code runs on load
+    raise PretrainedError(f"{path}: has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def _atomic(path, write):
+    """write(tmp) then rename, so a crash mid-write never leaves a broken file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(file, obj):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
