@@ -4,14 +4,17 @@ Tokenizers, all as `tiktoken.Encoding`, with `<|endoftext|>` as EOS:
 - "task": the built-in task's own byte-level BPE, trained here on the task's text in well
   under a second, so the default run needs nothing from the internet and has a small vocabulary
   (a few hundred tokens: a small embedding, a fast softmax on a CPU).
-- "gpt2": GPT-2's BPE (see data/gpt2.py comment below).
+- "gpt2": GPT-2's BPE (50,257 tokens), for models imported from GPT-2 checkpoints; offline, from
+  the local file that $MINRLHF_GPT2_BPE names (see gpt2_tokenizer).
 """
 
 import collections
 import functools
+import os
 
 import regex
 import tiktoken
+import tiktoken.load
 
 # GPT-2's pre-tokenisation: words, numbers and punctuation split apart, each with its leading space
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -61,7 +64,35 @@ def get_tokenizer(name="task"):
         ranks = train_bpe(task.corpus(), n_merges=task.BPE_MERGES)
         return tiktoken.Encoding(name="task", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                  special_tokens={EOT: len(ranks)})
-    raise ValueError(f"unknown tokenizer {name!r} (known: task)")
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    raise ValueError(f"unknown tokenizer {name!r} (known: task, gpt2)")
+
+
+GPT2_BPE_ENV = "MINRLHF_GPT2_BPE"  # path of a local r50k_base.tiktoken, for machines without internet
+GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # the hash tiktoken checks
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE through tiktoken: from the file that $MINRLHF_GPT2_BPE names when it is set,
+    else tiktoken's own "gpt2" encoding (downloaded once, then cached by tiktoken)."""
+    from data.formats import DataError
+    path = os.environ.get(GPT2_BPE_ENV)
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file (named by {GPT2_BPE_ENV}, GPT-2's r50k_base.tiktoken)")
+        try:
+            ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_BPE_SHA256)
+        except ValueError as e:
+            raise DataError(f"{path}: not GPT-2's r50k_base.tiktoken ({e})") from None
+        from tiktoken_ext.openai_public import r50k_pat_str  # GPT2_PAT above, in tiktoken's faster spelling
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no internet: requests' or urllib's errors, whichever tiktoken used
+        raise DataError(f"GPT-2's tokenizer could not be downloaded ({type(e).__name__}); set {GPT2_BPE_ENV} "
+                        f"to a local copy of r50k_base.tiktoken") from None
 
 
 def vocab_size_for(enc):
