@@ -141,7 +141,21 @@ def load_checkpoint(path, kind=None):
 
 def load_model(path, kind=None, head=None, device="cpu"):
     """A GPT from a checkpoint; head='scalar' or 'lm' rebuilds the trunk with that head (the
-    reward model starts from the SFT policy; the value model from the reward model)."""
+    reward model starts from the SFT policy; the value model from the reward model).
+    path may also be a Hugging Face GPT-2 directory (config.json + weights): it counts as a
+    policy, and as a reward model only when GPT.save_pretrained wrote a score head beside it."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from model import SCORE_FILE, PretrainedError
+        wanted = kind if isinstance(kind, tuple) else (kind,) if kind else None
+        kinds = ("policy", "reward") if os.path.exists(os.path.join(path, SCORE_FILE)) else ("policy",)
+        if wanted is not None and not set(wanted) & set(kinds):
+            raise CheckpointError(f"{path}: is a GPT-2 directory without a {SCORE_FILE} head, expected {kind}")
+        if head is None and wanted is not None and "policy" in wanted:
+            head = "lm"  # a reward model's directory is also a language model; as a policy it is one
+        try:
+            return GPT.from_pretrained(path, head=head).to(device)
+        except PretrainedError as e:
+            raise CheckpointError(str(e)) from None
     ckpt = load_checkpoint(path, kind)
     config = GPTConfig(**ckpt["model_config"])
     state = ckpt["model"]
