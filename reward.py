@@ -6,6 +6,10 @@ pairs of one prompt sit in the same batch element and are averaged, so a prompt 
 not outweigh one with K = 2 (InstructGPT, section 3.5). Tied responses make no pair. The score of
 a response is the head's output on its last token (the EOS).
 
+After training the reward model is normalised (--normalize): a bias on the head makes the SFT
+model's own samples score 0 on average, so PPO's rewards start centred (InstructGPT, section 3.5;
+N+ implementation details). The loss cannot see such a shift, so accuracy is unchanged.
+
     python reward.py                                    # rankings of the built-in task (train.sh makes them)
     python reward.py --data rankings.jsonl --init out/sft/ckpt.pt --out out/reward
     torchrun --nproc_per_node=2 reward.py
@@ -17,6 +21,7 @@ rejected} and HH-RLHF {chosen, rejected} files work as they are.
 import hashlib
 import itertools
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +29,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import Logger, all_reduce_mean, autocast, cleanup, load_model, lr_at, make_optimizer, parse_config, \
+from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, lr_at, make_optimizer, parse_config, \
     print0, run_main, save_checkpoint, setup
 from data import task
 from data.formats import load_rankings, ranking_pairs
 from data.tokenizer import encode_examples, get_tokenizer, pad
+from sample import sample_responses
 
 
 @dataclass
@@ -46,6 +52,8 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max gradient norm
     eval_every: int = 50  # steps between validations
+    normalize: bool = True  # after training, shift the head's bias so SFT samples score 0 on average
+    normalize_prompts: int = 256  # training prompts whose SFT samples set that mean
     skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
@@ -92,6 +100,25 @@ def ranking_loss(rewards, batch):
     return torch.stack(losses).mean(), torch.cat(margins)
 
 
+def rater_agreement(rows):
+    """For each ranking, one label per pair it implies (in ranking_pairs order): True when other
+    raters ranked the same prompt and responses and every one who ordered the pair agreed, False
+    when one ordered it the other way, None when no other rater ordered it."""
+    others = defaultdict(list)  # (prompt, responses) -> [(rater, set of (better, worse))]
+    for row in rows:
+        others[(row["prompt"], tuple(row["responses"]))].append((row["rater"], set(ranking_pairs(row["ranking"]))))
+    labels = []
+    for row in rows:
+        theirs = [pairs for rater, pairs in others[(row["prompt"], tuple(row["responses"]))] if rater != row["rater"]]
+        labels.append([])
+        for better, worse in ranking_pairs(row["ranking"]):
+            if any((worse, better) in pairs for pairs in theirs):
+                labels[-1].append(False)
+            else:
+                labels[-1].append(True if any((better, worse) in pairs for pairs in theirs) else None)
+    return labels
+
+
 @torch.no_grad()
 def validate(model, val, eot, device, batch_size=64):
     """Accuracy and mean margin on held-out pairs; for the built-in task also the accuracy
@@ -118,7 +145,37 @@ def validate(model, val, eot, device, batch_size=64):
     if gold_total:
         metrics["val/gold_accuracy"] = gold_right / gold_total
         metrics["val/gold_pairs"] = gold_total
+    # Split by whether the raters of a prompt agreed on a pair (only where 2+ raters ranked it).
+    # Every rater's label counts, as in val/accuracy, so on a pair two raters split the model is
+    # right exactly once: there the margin tells more (a calibrated model keeps it small).
+    agreed = [a for labels in rater_agreement([row for _, _, row in val]) for a in labels]  # aligned with margins
+    for name, want in (("agree", True), ("disagree", False)):
+        sel = torch.tensor([a is want for a in agreed], device=margins.device)
+        if sel.any():
+            metrics[f"val/accuracy_raters_{name}"] = (margins[sel] > 0).float().mean().item()
+            metrics[f"val/abs_margin_raters_{name}"] = margins[sel].abs().mean().item()
     return metrics
+
+
+@torch.no_grad()
+def normalize_reward(model, policy, prompts, device, seed=0, batch_size=64):
+    """Subtract from the head's bias the mean score of the policy's samples (one per prompt),
+    so they score 0 on average. Returns that mean before and after."""
+    enc = get_tokenizer(model.config.tokenizer)
+    responses = sample_responses(policy, prompts, k=1, seed=seed)  # PPO's defaults: 40 tokens, T = 1
+    examples = [{"prompt": p, "response": r[0]} for p, r in zip(prompts, responses)]
+    seqs = [p + r for p, r in encode_examples(enc, examples, model.config.block_size)]
+    model.eval()
+
+    def mean_score():
+        return torch.cat([score_sequences(model, seqs[i:i + batch_size], enc.eot_token, device)
+                          for i in range(0, len(seqs), batch_size)]).mean().item()
+
+    before = mean_score()
+    model.score.bias -= before
+    after = mean_score()
+    model.train()
+    return before, after
 
 
 def held_out(prompt, frac):
@@ -198,8 +255,20 @@ def main():
 
     summary = {k: v for k, v in metrics.items() if k.startswith("val/")}
     print0("reward done: " + " | ".join(f"{k} {v:.4g}" for k, v in summary.items()) + f" in {time.time() - t0:.0f}s")
+    normalized = {}
+    if cfg.normalize and d.master:  # only rank 0 saves, so only rank 0 needs the shift
+        try:
+            policy = load_model(cfg.init, kind="policy", device=d.device)
+        except CheckpointError:
+            print0(f"normalize: skipped, {cfg.init} is not an SFT (policy) checkpoint to sample from")
+        else:
+            prompts = list(dict.fromkeys(r["prompt"] for r in train_rows))[:cfg.normalize_prompts]
+            before, after = normalize_reward(model, policy, prompts, d.device, seed=cfg.seed)
+            normalized = {"normalize/mean_before": before, "normalize/mean_after": after}
+            logger.log(steps, normalized)
     if d.master:
-        save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="reward", config=cfg, step=steps, optimizer=optimizer, **summary)
+        save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="reward", config=cfg, step=steps, optimizer=optimizer,
+                        **summary, **normalized)
         print0(f"saved {cfg.out}/ckpt.pt")
     cleanup(d)
 
