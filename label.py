@@ -37,6 +37,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 
+import torch
+
 from common import load_model, parse_config, run_main
 from data.formats import DataError, load_candidates, load_rankings, ranking_pairs, write_jsonl
 from sample import get_prompts, sample_responses
@@ -150,13 +152,12 @@ def answered_prompts(path, rater):
     return {row["prompt"] for row in rows if row["rater"] == rater}
 
 
-def batches(cfg, todo):
+def responses_to_rank(cfg, todo):
     """(prompt, responses) for each prompt still to rank: from the candidates file, or sampled
     from the checkpoint cfg.batch prompts at a time, so the first question comes quickly."""
     if cfg.candidates:
         yield from todo
         return
-    import torch  # only needed to sample
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.init, kind="policy", device=device)
     for start in range(0, len(todo), cfg.batch):
@@ -183,7 +184,7 @@ def label(cfg):
           f"{len(todo)} to go. Type ? for help.")
     n_done, n_skipped = 0, 0
     try:
-        for i, (prompt, responses) in enumerate(batches(cfg, todo)):
+        for i, (prompt, responses) in enumerate(responses_to_rank(cfg, todo)):
             answer = ask(prompt, responses, f"prompt {len(items) - len(todo) + i + 1}/{len(items)}")
             if answer == "quit":
                 break
