@@ -182,11 +182,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-                 eos_id=None, use_cache=True, generator=None):
+                 eos_id=None, n_vocab=None, use_cache=True, generator=None):
         """Sample continuations of a batch of left-padded prompts.
         idx, attention_mask: (B, P). Returns the new tokens (B, N), N <= max_new_tokens; a row
         that has produced eos_id is filled with eos_id afterwards, and sampling stops once
-        every row has. use_cache=False recomputes the whole sequence each step: the slow
+        every row has. n_vocab: sample only ids below it (the embedding may have padding rows
+        beyond the tokenizer's last token). use_cache=False recomputes the whole sequence each step: the slow
         reference that the KV-cache path is tested against."""
         assert self.config.head == "lm", "only a language-model head can generate"
         B, P = idx.shape
@@ -200,7 +201,7 @@ class GPT(nn.Module):
             else:
                 step_input = seq if not new else seq[:, -1:]  # the whole prompt first, then one token
                 logits = self(step_input, mask, cache=cache)[:, -1]
-            next_token = sample_token(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_token(logits[:, :n_vocab].float(), temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
                 done = done | (next_token == eos_id)

@@ -45,8 +45,8 @@ class Config:
     init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the trunk the reward model starts from
     out: str = "out/reward"  # output directory: ckpt.pt, metrics.jsonl
     batch_size: int = 32  # rankings (prompts) per optimizer step, over all processes
-    micro_batch_size: int = 32  # rankings per forward pass per process
-    epochs: int = 2  # passes over the training rankings
+    micro_batch_size: int = 0  # rankings per forward pass per process (0: batch_size / processes; less accumulates gradients)
+    epochs: int = 3  # passes over the training rankings
     lr: float = 1e-3  # peak learning rate (linear warmup, cosine decay)
     warmup_steps: int = 10  # learning-rate warmup
     weight_decay: float = 0.0  # AdamW weight decay on matrices
@@ -185,6 +185,8 @@ def held_out(prompt, frac):
 def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
+    if cfg.micro_batch_size == 0:
+        cfg.micro_batch_size = cfg.batch_size // d.world_size
     per_step = cfg.micro_batch_size * d.world_size
     assert cfg.batch_size % per_step == 0, f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
     accum = cfg.batch_size // per_step

@@ -50,12 +50,12 @@ def generate(model, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top
     """Left-pad a batch of prompts and sample. Returns (prompt (B, P), prompt_mask (B, P),
     response (B, N)), the response filled with EOS after a row's first EOS."""
     device = next(model.parameters()).device
-    eot = get_tokenizer(model.config.tokenizer).eot_token
-    ids, mask = pad(prompt_ids, eot, left=True)
+    enc = get_tokenizer(model.config.tokenizer)
+    ids, mask = pad(prompt_ids, enc.eot_token, left=True)
     ids, mask = ids.to(device), mask.to(device)
     with autocast(device):
         response = model.generate(ids, mask, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                  top_p=top_p, eos_id=eot, generator=generator)
+                                  top_p=top_p, eos_id=enc.eot_token, n_vocab=enc.n_vocab, generator=generator)
     return ids, mask, response
 
 

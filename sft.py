@@ -41,7 +41,7 @@ class Config:
     block_size: int = 64  # new model: longest prompt + response in tokens
     n_demos: int = 6000  # built-in task: how many demonstrations to learn from
     batch_size: int = 64  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 64  # sequences per forward pass per process (gradient accumulation)
+    micro_batch_size: int = 0  # sequences per forward pass per process (0: batch_size / processes; less accumulates gradients)
     max_steps: int = 400  # optimizer steps
     lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to lr/10)
     warmup_steps: int = 50  # learning-rate warmup
@@ -56,6 +56,8 @@ class Config:
 def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
+    if cfg.micro_batch_size == 0:
+        cfg.micro_batch_size = cfg.batch_size // d.world_size
     per_step = cfg.micro_batch_size * d.world_size
     assert cfg.batch_size % per_step == 0, f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
     accum = cfg.batch_size // per_step
@@ -96,19 +98,23 @@ def main():
             loss_mask[i, len(p):len(p) + len(r)] = 1  # response tokens and their EOS
         return ids.to(d.device), mask.to(d.device), loss_mask.to(d.device)
 
-    def loss_fn(model, ids, mask, loss_mask):
+    def nll_sum(model, ids, mask, loss_mask):
+        """Summed negative log-likelihood of the response tokens (the caller divides by the count)."""
         with autocast(d.device):
             logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
         nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-        target_mask = loss_mask[:, 1:].float()
-        return (nll * target_mask).sum() / target_mask.sum()
+        return (nll * loss_mask[:, 1:]).sum()
 
     @torch.no_grad()
     def evaluate():
         model.eval()
-        losses = [loss_fn(model, *batch(val[i:i + 128])).item() for i in range(0, len(val), 128)]
+        total, count = 0.0, 0
+        for i in range(0, len(val), 128):
+            ids, mask, loss_mask = batch(val[i:i + 128])
+            total += nll_sum(model, ids, mask, loss_mask).item()
+            count += loss_mask[:, 1:].sum().item()
         model.train()
-        return sum(losses) / len(losses)  # every chunk is full but the last: close enough for a log
+        return total / count
 
     # ---- train
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
@@ -127,12 +133,16 @@ def main():
         mine = global_idx[d.rank * cfg.micro_batch_size * accum:(d.rank + 1) * cfg.micro_batch_size * accum]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+        micro_batches = [batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
+                         for k in range(accum)]
+        # the loss is the mean over every response token of the global batch, whatever the split
+        # into processes and micro-batches (DDP averages gradients over processes, hence * world_size)
+        n_tokens = all_reduce_mean(sum(int(lm[:, 1:].sum()) for _, _, lm in micro_batches), d) * d.world_size
         loss_sum = 0.0
-        for k in range(accum):
-            ids, mask, loss_mask = batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
+        for k, (ids, mask, loss_mask) in enumerate(micro_batches):
             if d.ddp:  # synchronise gradients only on the last micro-batch
                 ddp_model.require_backward_grad_sync = k == accum - 1
-            loss = loss_fn(ddp_model, ids, mask, loss_mask) / accum
+            loss = nll_sum(ddp_model, ids, mask, loss_mask) * d.world_size / n_tokens
             loss.backward()
             loss_sum += loss.item()
             tokens += int(mask.sum())

@@ -45,7 +45,7 @@ CLOSINGS = ((0.3, "glad to help!"), (0.15, "glad to help! have a great day!"), (
 P_CORRECT = 0.7
 
 # The raters and how noisy each is: the temperature of their Bradley-Terry choice over gold.
-RATERS = {"ann": 0.25, "ben": 0.5, "cat": 1.0}
+RATERS = {"ann": 0.2, "ben": 0.3, "cat": 0.5}
 
 
 def split_of(prompt):

@@ -1,0 +1,152 @@
+"""
+Score a policy checkpoint, or two side by side, on held-out prompts, and write JSON:
+
+- gold: mean gold score of sampled responses (built-in task: the hidden judge)
+- win_rate: how often --init's response beats --compare's under the gold judge, ties half
+- rm_score: mean reward-model score (--reward)
+- kl: mean KL(policy || reference) per response in nats, exact over the vocabulary (--ref)
+- perplexity: on held-out demonstrations, the check that catches a policy that forgot how to write
+
+    python eval.py --init out/ppo/ckpt.pt --compare out/sft/ckpt.pt --reward out/reward/ckpt.pt --ref out/sft/ckpt.pt
+    python eval.py --init out/ppo/ckpt.pt --prompts prompts.jsonl --demos demos.jsonl --out eval.json
+
+Both models answer the same prompts, each sampled at --temperature with a seed of its own.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import autocast, load_model, parse_config, run_main
+from data import task
+from data.formats import load_demonstrations
+from data.tokenizer import encode_examples, get_tokenizer, pad
+from kernels import kl_full
+from ppo import response_mask, reward_scores
+from sample import decode, encode_prompts, generate, get_prompts
+
+
+@dataclass
+class Config:
+    init: str = "out/ppo/ckpt.pt"  # the policy to evaluate
+    compare: str = ""  # a second policy: both are scored, and --init's win rate against it
+    reward: str = ""  # reward model checkpoint, for rm_score
+    ref: str = ""  # reference policy (usually SFT), for the KL
+    prompts: str = "task"  # prompts JSONL, or "task" for the built-in task's test prompts
+    n: int = 400  # how many prompts (0: all)
+    demos: str = "task"  # held-out demonstrations for perplexity ("task": the task's val split; "": skip)
+    out: str = "out/eval.json"  # JSON results
+    show: int = 5  # print this many prompts with the responses side by side (and keep them in the JSON)
+    max_new_tokens: int = 40  # longest response in tokens
+    temperature: float = 1.0  # sampling temperature (that of PPO's rollouts)
+    batch_size: int = 200  # prompts per batch
+    seed: int = 1234  # sampling seed (--compare uses seed + 1)
+    device: str = ""  # cuda / cpu; default: cuda if available
+
+
+@torch.no_grad()
+def rollouts(policy, prompts, cfg, seed, reward_model=None, ref_model=None):
+    """Sample one response per prompt; per response its text, RM score and exact KL to ref."""
+    enc = get_tokenizer(policy.config.tokenizer)
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = encode_prompts(enc, prompts, policy.config.block_size - cfg.max_new_tokens)
+    out = {"responses": [], "rm_score": [], "kl": [], "ended": []}
+    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval", disable=None, leave=False):
+        query, query_mask, response = generate(policy, prompt_ids[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                                               temperature=cfg.temperature, generator=generator)
+        P = query.size(1)
+        mask = response_mask(response, enc.eot_token)
+        seq, seq_mask = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
+        out["responses"] += [decode(enc, r) for r in response.tolist()]
+        out["ended"] += (response == enc.eot_token).any(1).tolist()
+        if reward_model is not None:
+            out["rm_score"] += reward_scores(reward_model, seq, seq_mask).tolist()
+        if ref_model is not None:
+            with autocast(device):
+                logits = policy(seq[:, :-1], seq_mask[:, :-1])[:, P - 1:]  # (B, N, V)
+                ref_logits = ref_model(seq[:, :-1], seq_mask[:, :-1])[:, P - 1:]
+            kl = kl_full(logits, ref_logits, temperature=cfg.temperature)  # (B, N)
+            out["kl"] += (kl * mask).sum(1).tolist()
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, demos, batch_size=128):
+    """exp(mean negative log-likelihood per response token) on demonstrations."""
+    enc = get_tokenizer(model.config.tokenizer)
+    device = next(model.parameters()).device
+    examples = encode_examples(enc, demos, model.config.block_size)
+    nll, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        ids, mask = pad([p + r for p, r in chunk], enc.eot_token)
+        ids, mask = ids.to(device), mask.to(device)
+        target_mask = torch.zeros_like(mask)
+        for i, (p, r) in enumerate(chunk):
+            target_mask[i, len(p):len(p) + len(r)] = 1
+        with autocast(device):
+            logits = model(ids[:, :-1], mask[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        nll += (losses * target_mask[:, 1:]).sum().item()
+        count += target_mask[:, 1:].sum().item()
+    return math.exp(nll / count)
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def main():
+    cfg = parse_config(Config)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = get_prompts(cfg.prompts, "test", cfg.n)
+    on_task = all(task.is_task_prompt(p) for p in prompts)
+    reward_model = load_model(cfg.reward, kind="reward", device=device).eval() if cfg.reward else None
+    ref_model = load_model(cfg.ref, kind="policy", device=device).eval() if cfg.ref else None
+    if cfg.demos == "task":
+        demos = task.demonstrations("val", 500, seed=1)
+    else:
+        demos = load_demonstrations(cfg.demos) if cfg.demos else []
+
+    results = {"prompts": len(prompts), "temperature": cfg.temperature, "models": {}}
+    samples = {}
+    for i, path in enumerate([cfg.init] + ([cfg.compare] if cfg.compare else [])):
+        model = load_model(path, kind="policy", device=device).eval()
+        # independent samples for the two models: a shared seed would make similar policies write
+        # the same responses, and the ties would pull the win rate towards 0.5
+        r = rollouts(model, prompts, cfg, cfg.seed + i, reward_model, ref_model)
+        samples[path] = r["responses"]
+        m = {"rm_score": mean(r["rm_score"]), "kl": mean(r["kl"]), "eos_rate": mean(r["ended"]),
+             "resp_words": mean([len(t.split()) for t in r["responses"]])}
+        if on_task:
+            r["gold"] = [task.gold_score(p, t) for p, t in zip(prompts, r["responses"])]
+            m["gold"] = mean(r["gold"])
+            samples[path + ":gold"] = r["gold"]
+        if demos:
+            m["perplexity"] = perplexity(model, demos)
+        results["models"][path] = {k: v for k, v in m.items() if v is not None}
+        print(f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in results["models"][path].items()))
+
+    if cfg.compare and on_task:
+        a, b = samples[cfg.init + ":gold"], samples[cfg.compare + ":gold"]
+        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+        results["win_rate"] = wins / len(a)
+        print(f"win rate of {cfg.init} against {cfg.compare} under the gold judge: {results['win_rate']:.3f} "
+              f"on {len(a)} prompts (ties count half)")
+    results["examples"] = [{"prompt": prompts[i], "responses": [samples[p][i] for p in results["models"]],
+                            **({"gold": [samples[p + ":gold"][i] for p in results["models"]]} if on_task else {})}
+                           for i in range(min(cfg.show, len(prompts)))]
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
