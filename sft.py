@@ -40,9 +40,9 @@ class Config:
     n_embd: int = 128  # new model: width
     block_size: int = 64  # new model: longest prompt + response in tokens
     n_demos: int = 6000  # built-in task: how many demonstrations to learn from
-    batch_size: int = 64  # sequences per optimizer step, over all processes
+    batch_size: int = 32  # sequences per optimizer step, over all processes
     micro_batch_size: int = 0  # sequences per forward pass per process (0: batch_size / processes; less accumulates gradients)
-    max_steps: int = 400  # optimizer steps
+    max_steps: int = 800  # optimizer steps
     lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to lr/10)
     warmup_steps: int = 50  # learning-rate warmup
     weight_decay: float = 0.1  # AdamW weight decay on matrices

@@ -6,7 +6,7 @@ The built-in task: a small help desk that adds numbers, standing in for real hum
 
 - Prompts come from a generator (names x numbers x phrasings), split into disjoint
   train / val / test sets by a hash of the prompt text.
-- The demonstrator that SFT imitates is noisy: it gets the sum wrong 30% of the time, greets
+- The demonstrator that SFT imitates is noisy: it sometimes gets the sum wrong (5%), greets
   by name only sometimes (and sometimes by the wrong name), rambles, and is rude a quarter of
   the time. SFT learns that mixture, so it is mediocre, and RLHF has room to improve.
 - A hidden gold score combines correctness, helpfulness (greeting the person by name),
@@ -42,7 +42,7 @@ GREETINGS = ((0.35, "hi {name}!"), (0.25, "hello!"), (0.25, ""), (0.15, "hi {oth
 FILLERS = ((0.5, ""), (0.3, "um, let me think."), (0.2, "um, let me think. this is a hard one."))
 CLOSINGS = ((0.3, "glad to help!"), (0.15, "glad to help! have a great day!"), (0.3, ""),
             (0.25, "ugh, that was easy."))
-P_CORRECT = 0.7
+P_CORRECT = 0.95
 
 # The raters and how noisy each is: the temperature of their Bradley-Terry choice over gold.
 RATERS = {"ann": 0.2, "ben": 0.3, "cat": 0.5}
