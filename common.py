@@ -178,6 +178,16 @@ def make_optimizer(model, lr, weight_decay, device, betas=(0.9, 0.95)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
+def micro_batches(batch_size, micro_batch_size, world_size):
+    """(micro-batch per process, accumulation steps) for a global batch; micro 0 means no accumulation.
+    The global batch is the same whatever the number of processes."""
+    micro = micro_batch_size or batch_size // world_size
+    per_step = micro * world_size
+    assert micro > 0 and batch_size % per_step == 0, \
+        f"batch_size {batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
+    return micro, batch_size // per_step
+
+
 def lr_at(step, lr, warmup, total, min_ratio=0.1):
     """Linear warmup to lr, then cosine decay to lr * min_ratio at the last step."""
     if step <= warmup:

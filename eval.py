@@ -1,7 +1,8 @@
 """
 Score a policy checkpoint, or two side by side, on held-out prompts, and write JSON:
 
-- gold: mean gold score of sampled responses (built-in task: the hidden judge)
+- gold: mean gold score of sampled responses (built-in task: the hidden judge), and how often
+  each of its criteria holds (correct sum, greeting by the person's own name, polite, rude, ...)
 - win_rate: how often --init's response beats --compare's under the gold judge, ties half
 - rm_score: mean reward-model score (--reward)
 - kl: mean KL(policy || reference) per response in nats, exact over the vocabulary (--ref)
@@ -127,11 +128,15 @@ def main():
         if on_task:
             r["gold"] = [task.gold_score(p, t) for p, t in zip(prompts, r["responses"])]
             m["gold"] = mean(r["gold"])
+            judged = [task.judge(p, t) for p, t in zip(prompts, r["responses"])]
+            m["criteria"] = {k: mean([float(j[k]) for j in judged]) for k in judged[0]}  # rates, and mean words
             samples[path + ":gold"] = r["gold"]
         if demos:
             m["perplexity"] = perplexity(model, demos)
         results["models"][path] = {k: v for k, v in m.items() if v is not None}
-        print(f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in results["models"][path].items()))
+        print(f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in results["models"][path].items() if k != "criteria"))
+        if "criteria" in m:
+            print("  gold criteria: " + " | ".join(f"{k} {v:.2f}" for k, v in m["criteria"].items()))
 
     if cfg.compare and on_task:
         a, b = samples[cfg.init + ":gold"], samples[cfg.compare + ":gold"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, lr_at, make_optimizer, parse_config, \
+from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, lr_at, make_optimizer, micro_batches, parse_config, \
     print0, run_main, save_checkpoint, setup
 from data import task
 from data.formats import load_rankings, ranking_pairs
@@ -185,11 +185,7 @@ def held_out(prompt, frac):
 def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
-    if cfg.micro_batch_size == 0:
-        cfg.micro_batch_size = cfg.batch_size // d.world_size
-    per_step = cfg.micro_batch_size * d.world_size
-    assert cfg.batch_size % per_step == 0, f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
-    accum = cfg.batch_size // per_step
+    cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
 
     # ---- model: the SFT trunk with a new scalar head
     model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import Logger, all_reduce_mean, autocast, cleanup, load_model, parse_config, print0, run_main, \
+from common import Logger, all_reduce_mean, autocast, cleanup, load_model, micro_batches, parse_config, print0, run_main, \
     save_checkpoint, setup, make_optimizer, lr_at
 from data import task
 from data.formats import load_demonstrations
@@ -56,11 +56,7 @@ class Config:
 def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
-    if cfg.micro_batch_size == 0:
-        cfg.micro_batch_size = cfg.batch_size // d.world_size
-    per_step = cfg.micro_batch_size * d.world_size
-    assert cfg.batch_size % per_step == 0, f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
-    accum = cfg.batch_size // per_step
+    cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
 
     # ---- model
     if cfg.init:
@@ -133,13 +129,13 @@ def main():
         mine = global_idx[d.rank * cfg.micro_batch_size * accum:(d.rank + 1) * cfg.micro_batch_size * accum]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
-        micro_batches = [batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
-                         for k in range(accum)]
+        chunks = [batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
+                  for k in range(accum)]
         # the loss is the mean over every response token of the global batch, whatever the split
         # into processes and micro-batches (DDP averages gradients over processes, hence * world_size)
-        n_tokens = all_reduce_mean(sum(int(lm[:, 1:].sum()) for _, _, lm in micro_batches), d) * d.world_size
+        n_tokens = all_reduce_mean(sum(int(lm[:, 1:].sum()) for _, _, lm in chunks), d) * d.world_size
         loss_sum = 0.0
-        for k, (ids, mask, loss_mask) in enumerate(micro_batches):
+        for k, (ids, mask, loss_mask) in enumerate(chunks):
             if d.ddp:  # synchronise gradients only on the last micro-batch
                 ddp_model.require_backward_grad_sync = k == accum - 1
             loss = nll_sum(ddp_model, ids, mask, loss_mask) * d.world_size / n_tokens

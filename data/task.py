@@ -103,26 +103,31 @@ def demonstrations(split, n=None, seed=0):
     return [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(split)[:n]]
 
 
-def gold_score(prompt, response):
-    """The hidden judgment. Best possible: 3.0 (correct, greets by name, polite, <= 10 words)."""
+def judge(prompt, response):
+    """What the gold judge sees in a response, criterion by criterion."""
     name, a, b = parse_prompt(prompt)
     claims = re.findall(r"\bis (\d+)", response)
-    if not claims:
-        score = -1.5  # unhelpful: no answer at all
-    elif all(int(c) == a + b for c in claims):
-        score = 2.0  # correct
-    else:
-        score = -1.0  # wrong
     words = response.split()
-    if f"hi {name}!" in response:
-        score += 0.5  # helpful: speaks to the person
-    elif any(w.strip("!.,?") in NAMES for w in words):
-        score -= 0.5  # someone else's name
-    if "glad to help" in response:
-        score += 0.5  # polite
-    if "ugh" in response or "easy" in response:
-        score -= 1.0  # rude
-    score -= 0.1 * max(0, len(words) - 10)  # brief
+    own_name = f"hi {name}!" in response
+    return {
+        "answered": bool(claims),
+        "correct": bool(claims) and all(int(c) == a + b for c in claims),
+        "own_name": own_name,
+        "wrong_name": not own_name and any(w.strip("!.,?") in NAMES for w in words),
+        "polite": "glad to help" in response,
+        "rude": "ugh" in response or "easy" in response,
+        "rambling": "um," in response,
+        "words": len(words),
+    }
+
+
+def gold_score(prompt, response):
+    """The hidden judgment. Best possible: 3.0 (correct, greets by name, polite, <= 10 words)."""
+    j = judge(prompt, response)
+    score = (2.0 if j["correct"] else -1.0) if j["answered"] else -1.5  # correct / wrong / no answer at all
+    score += 0.5 * j["own_name"] - 0.5 * j["wrong_name"]  # helpful: speaks to the person, not someone else
+    score += 0.5 * j["polite"] - 1.0 * j["rude"]
+    score -= 0.1 * max(0, j["words"] - 10)  # brief
     return score
 
 

@@ -1,0 +1,57 @@
+"""The built-in task: disjoint splits, the gold judge, the noisy demonstrator, the simulated raters."""
+
+import random
+
+from data import task
+from data.formats import ranking_pairs
+from data.tokenizer import get_tokenizer
+
+
+def test_splits_are_disjoint_and_cover_every_prompt():
+    splits = {s: set(task.prompts(s)) for s in ("train", "val", "test")}
+    assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"]) and not (splits["val"] & splits["test"])
+    assert sum(map(len, splits.values())) == len(task.NAMES) * len(task.NUMBERS) ** 2 * len(task.TEMPLATES)
+    assert len(splits["test"]) >= 400  # enough for the win rate on 400 test prompts
+
+
+def test_gold_judge_by_hand():
+    p = "mia: can you add 3 and 4?\nbot:"
+    assert task.gold_score(p, " hi mia! 3 plus 4 is 7. glad to help!") == 3.0  # the best there is
+    assert task.gold_score(p, " hi mia! 3 plus 4 is 8. glad to help!") == 0.0  # wrong sum: 2.0 -> -1.0
+    assert task.gold_score(p, " hi bob! 3 plus 4 is 7.") == 1.5  # someone else's name
+    assert task.gold_score(p, " 3 plus 4 is 7. ugh, that was easy.") == 1.0  # rude
+    assert task.gold_score(p, " glad to help!") == -1.0  # polite but no answer
+    long = " hi mia! um, let me think. this is a hard one. 3 plus 4 is 7. glad to help!"  # 19 words
+    assert abs(task.gold_score(p, long) - (3.0 - 0.9)) < 1e-9
+
+
+def test_demonstrator_is_noisy_so_sft_has_room_to_improve():
+    demos = task.demonstrations("train", 2000)
+    gold = [task.gold_score(d["prompt"], d["response"]) for d in demos]
+    assert sum(g == 3.0 for g in gold) / len(gold) < 0.1  # few demonstrations are the best response
+    assert 0.5 < sum(gold) / len(gold) < 2.5
+
+
+def test_simulated_raters_write_valid_rankings_that_follow_gold():
+    rng = random.Random(0)
+    candidates = [{"prompt": p, "responses": [task.demonstrate(p, rng) for _ in range(4)]} for p in task.prompts("val")[:300]]
+    rows = task.rate(candidates, seed=0)
+    assert len(rows) > len(candidates)  # some prompts get a second rater
+    agree = total = 0
+    for row in rows:
+        assert sorted(i for group in row["ranking"] for i in group) == [0, 1, 2, 3] and row["rater"] in task.RATERS
+        gold = [task.gold_score(row["prompt"], r) for r in row["responses"]]
+        for better, worse in ranking_pairs(row["ranking"]):
+            if gold[better] != gold[worse]:
+                total += 1
+                agree += gold[better] > gold[worse]
+    assert 0.7 < agree / total < 0.99  # mostly right, but noisy
+
+
+def test_task_tokenizer_round_trips_and_is_small():
+    enc = get_tokenizer("task")
+    assert enc.n_vocab < 600
+    for d in task.demonstrations("test", 50):
+        text = d["prompt"] + d["response"]
+        assert enc.decode(enc.encode(text)) == text
+        assert len(enc.encode(text)) < 48
