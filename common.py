@@ -24,13 +24,14 @@ from model import GPT, GPTConfig
 
 def parse_config(cls, argv=None):
     """Fill a stage's @dataclass from the command line: every field is a flag (--lr 3e-6) and
-    its one-line comment is the flag's help. Booleans take true/false."""
+    its one-line comment is the flag's help; --max-steps and --max_steps alike. Booleans take true/false."""
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
-        parser.add_argument("--" + f.name, type=kind, default=f.default,
+        hyphenated = ["--" + f.name.replace("_", "-")] if "_" in f.name else []  # --skip-bad-lines works too
+        parser.add_argument("--" + f.name, *hyphenated, type=kind, default=f.default,
                             help=f"{comments.get(f.name, '')} (default: {f.default})")
     return cls(**vars(parser.parse_args(argv)))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import autocast, load_model, parse_config, run_main
+from common import CheckpointError, autocast, load_model, parse_config, run_main
 from data import task
 from data.formats import load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer, pad
@@ -119,6 +119,9 @@ def main():
     samples = {}
     for i, path in enumerate([cfg.init] + ([cfg.compare] if cfg.compare else [])):
         model = load_model(path, kind="policy", device=device).eval()
+        for other, other_path in ((reward_model, cfg.reward), (ref_model, cfg.ref)):
+            if other is not None and other.config.tokenizer != model.config.tokenizer:
+                raise CheckpointError(f"{other_path}: uses tokenizer {other.config.tokenizer!r} but {path} uses {model.config.tokenizer!r}")
         # independent samples for the two models: a shared seed would make similar policies write
         # the same responses, and the ties would pull the win rate towards 0.5
         r = rollouts(model, prompts, cfg, cfg.seed + i, reward_model, ref_model)

@@ -158,13 +158,17 @@ def main():
     ddp_value = DDP(value_model) if d.ddp else value_model
 
     # ---- prompts
+    stats = {}
     if cfg.data == "task":
         prompts = task.prompts("train")
     else:
-        prompts = load_prompts(cfg.data, skip_bad_lines=cfg.skip_bad_lines)
-    prompt_ids = encode_prompts(enc, prompts, policy.config.block_size - cfg.max_new_tokens)
+        prompts = load_prompts(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    max_prompt = policy.config.block_size - cfg.max_new_tokens
+    prompt_ids = encode_prompts(enc, prompts, max_prompt, stats)
     on_task = all(task.is_task_prompt(p) for p in prompts[:100])
-    print0(f"data: {len(prompts)} prompts" + (" (built-in task: the gold score is logged, never trained on)" if on_task else ""))
+    print0(f"data: {len(prompts)} prompts, {stats['truncated']} cut from the left to {max_prompt} tokens, "
+           f"{stats.get('bad_lines', 0)} bad lines skipped"
+           + (" (built-in task: the gold score is logged, never trained on)" if on_task else ""))
 
     gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
     sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)  # each process its own samples

@@ -10,7 +10,7 @@ After training the reward model is normalised (--normalize): a bias on the head 
 model's own samples score 0 on average, so PPO's rewards start centred (InstructGPT, section 3.5;
 N+ implementation details). The loss cannot see such a shift, so accuracy is unchanged.
 
-    python reward.py                                    # rankings of the built-in task (train.sh makes them)
+    python reward.py                                    # built-in task: SFT samples ranked by the simulated raters
     python reward.py --data rankings.jsonl --init out/sft/ckpt.pt --out out/reward
     torchrun --nproc_per_node=2 reward.py
 
@@ -39,8 +39,9 @@ from sample import sample_responses
 
 @dataclass
 class Config:
-    data: str = "out/rankings.jsonl"  # rankings / preference pairs JSONL (.gz too)
+    data: str = "task"  # rankings / preference pairs JSONL (.gz too), or "task": SFT samples ranked by the simulated raters
     val_data: str = ""  # held-out rankings; default: the prompts of --data whose hash falls in val_frac
+    task_prompts: int = 2000  # --data task: how many train prompts to sample and rank
     val_frac: float = 0.1  # share of prompts held out when there is no --val_data
     init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the trunk the reward model starts from
     out: str = "out/reward"  # output directory: ckpt.pt, metrics.jsonl
@@ -66,7 +67,9 @@ def encode_rankings(enc, rows, block_size, stats):
     out = []
     for row in rows:
         examples = [{"prompt": row["prompt"], "response": r} for r in row["responses"]]
-        seqs = encode_examples(enc, examples, block_size)
+        counts = {}
+        seqs = encode_examples(enc, examples, block_size, counts)
+        stats["truncated"] = stats.get("truncated", 0) + counts.get("truncated", 0)
         pairs = ranking_pairs(row["ranking"])
         if len(seqs) < len(examples) or not pairs:
             stats["dropped"] = stats.get("dropped", 0) + 1
@@ -195,7 +198,13 @@ def main():
 
     # ---- data: rankings -> (sequences, pairs)
     stats = {}
-    rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    if cfg.data == "task":  # steps 2-3 of train.sh in one: K samples per prompt, ranked by the simulated raters
+        policy = load_model(cfg.init, kind="policy", device=d.device)
+        prompts = task.prompts("train")[:cfg.task_prompts]
+        rows = task.rate([{"prompt": p, "responses": r} for p, r in zip(prompts, sample_responses(policy, prompts, k=4, seed=cfg.seed))],
+                         seed=cfg.seed)
+    else:
+        rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
     if cfg.val_data:
         train_rows, val_rows = rows, load_rankings(cfg.val_data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
     else:  # split by prompt, so no held-out prompt was seen in training (also with two raters)
@@ -205,7 +214,8 @@ def main():
     train, val = encode_rankings(enc, train_rows, block, stats), encode_rankings(enc, val_rows, block, stats)
     n_pairs = sum(len(p) for _, p, _ in train)
     print0(f"data: {len(train)} train rankings ({n_pairs} pairs) / {len(val)} val rankings; "
-           f"{stats.get('dropped', 0)} dropped (too long or all tied), {stats.get('bad_lines', 0)} bad lines skipped")
+           f"{stats.get('truncated', 0)} responses' prompts cut from the left, {stats.get('dropped', 0)} rankings dropped "
+           f"(a response longer than {block} tokens, or all tied), {stats.get('bad_lines', 0)} bad lines skipped")
     assert train and val, "need both training and held-out rankings"
 
     # ---- train

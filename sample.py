@@ -40,9 +40,13 @@ class Config:
     device: str = ""  # cuda / cpu; default: cuda if available
 
 
-def encode_prompts(enc, prompts, max_len):
-    """Prompt token ids, cut from the left to max_len tokens (the end of a prompt matters most)."""
-    return [enc.encode(p, disallowed_special=())[-max_len:] for p in prompts]
+def encode_prompts(enc, prompts, max_len, stats=None):
+    """Prompt token ids, cut from the left to max_len tokens (the end of a prompt matters most);
+    how many were cut goes to stats["truncated"]."""
+    ids = [enc.encode(p, disallowed_special=()) for p in prompts]
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + sum(len(x) > max_len for x in ids)
+    return [x[-max_len:] for x in ids]
 
 
 @torch.no_grad()

@@ -247,6 +247,15 @@ def test_stages_under_torchrun(sft_two_processes, tmp_path):
     assert loads_safely(tmp_path / "ppo" / "value.pt")["kind"] == "value"
 
 
+def test_reward_without_data_ranks_sft_samples_of_the_built_in_task(sft_two_processes, tmp_path):
+    # no --data: sample 4 responses per task prompt from --init and let the simulated raters rank them
+    run("reward.py", "--init", sft_two_processes / "ckpt.pt", "--task-prompts", 40, "--val-frac", 0.25,
+        "--batch_size", 8, "--epochs", 1, "--normalize", "false", "--out", tmp_path / "reward")
+    rows = metrics(tmp_path / "reward")
+    assert rows[-1]["val/gold_pairs"] > 0  # held-out task prompts, judged against gold
+    assert loads_safely(tmp_path / "reward" / "ckpt.pt")["kind"] == "reward"
+
+
 def test_sft_same_global_batch_same_loss_on_one_and_two_processes(sft_two_processes, tmp_path):
     # one process with the whole batch in one pass against two processes with 4 sequences each:
     # the loss is a mean over the global batch's tokens, however the batch is split
