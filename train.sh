@@ -21,7 +21,7 @@ NPROC=${NPROC:-1}
 if [ "${QUICK:-0}" = 1 ]; then
     SFT_ARGS="--max_steps 300 --n_demos 3000 --eval_every 150"
     N_PREF=400; K=4
-    RM_ARGS="--batch_size 16 --micro_batch_size 16 --epochs 2"
+    RM_ARGS="--batch_size 16 --epochs 2"
     PPO_ARGS="--updates 15 --batch_size 32 --mini_batch_size 8"
     N_EVAL=200
 else

@@ -1,4 +1,5 @@
-"""The whole pipeline, end to end: QUICK=1 ./train.sh, the tiny version of the default run."""
+"""The whole pipeline, end to end: NPROC=2 QUICK=1 ./train.sh, the tiny version of the default run
+with every training stage under torchrun (the single-process stages are run by test_stages.py)."""
 
 import json
 import os
@@ -9,7 +10,7 @@ from conftest import ROOT
 
 def test_quick_pipeline_ppo_beats_sft_under_the_gold_judge(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "QUICK": "1", "OUT": str(out), "NPROC": "1"}
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "NPROC": "2"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
