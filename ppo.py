@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, make_optimizer, \
     parse_config, print0, run_main, save_checkpoint, setup
 from data import task
-from data.formats import load_prompts
+from data.formats import DataError, load_prompts
 from data.tokenizer import get_tokenizer
 from kernels import ppo_advantages, token_logprobs
 from sample import decode, encode_prompts, generate
@@ -163,6 +163,8 @@ def main():
         prompts = task.prompts("train")
     else:
         prompts = load_prompts(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    if len(prompts) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(prompts)} prompts, fewer than one rollout of --batch_size {cfg.batch_size}")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
     prompt_ids = encode_prompts(enc, prompts, max_prompt, stats)
     on_task = all(task.is_task_prompt(p) for p in prompts[:100])
@@ -222,7 +224,7 @@ def main():
         t0 = time.time()
         policy.train()
         value_model.train()
-        stats = []
+        step_stats = []
         for epoch in range(cfg.ppo_epochs):
             # epoch 0 in rollout order (already a random sample of prompts), later ones shuffled
             perm = torch.arange(local_batch) if epoch == 0 else torch.randperm(local_batch, generator=gen)
@@ -238,8 +240,8 @@ def main():
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()), cfg.grad_clip)
                 optimizer.step()
-                stats.append({"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
-                              "objective/entropy": masked_mean(entropy.detach(), m), **pg_stats, **vf_stats})
+                step_stats.append({"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
+                                   "objective/entropy": masked_mean(entropy.detach(), m), **pg_stats, **vf_stats})
                 if update == 1 and epoch == 0 and s == 0:  # nothing has changed yet: the ratio is exactly 1
                     first_ratio_error = (logprobs - old_logprobs[mb]).exp().sub(1).abs().max().item()
         t_train = time.time() - t0
@@ -256,7 +258,7 @@ def main():
         var_residual = masked_mean((returns - old_values - masked_mean(returns - old_values, mask)) ** 2, mask)
         metrics = {"objective/score": raw_scores.mean().item(), "objective/kl": mean_kl,
                    "objective/rlhf_reward": (scores - beta * kl_per_response).mean().item(),
-                   **{k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]},
+                   **{k: torch.stack([s[k] for s in step_stats]).mean().item() for k in step_stats[0]},
                    "val/explained_var": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
                    "rollout/resp_len": mask.sum(1).mean().item(), "rollout/eos_rate": ended.float().mean().item(),
                    "beta": beta}
