@@ -296,3 +296,12 @@ def test_ppo_refuses_a_policy_as_reward_model(tiny_ckpts, tmp_path):
                "--out", tmp_path / "ppo", check=False)
     last = one_sentence(proc)
     assert "policy.pt" in last and "policy" in last.replace("policy.pt", "") and "reward" in last, last
+
+
+def test_ppo_refuses_fewer_prompts_than_a_rollout(tiny_ckpts, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    proc = run("ppo.py", "--init", tiny_ckpts / "policy.pt", "--reward", tiny_ckpts / "reward.pt", "--data", path,
+               *PPO_ARGS, "--out", tmp_path / "ppo", check=False)
+    last = one_sentence(proc)
+    assert "prompts.jsonl" in last and "2 prompts" in last and "8" in last, last
