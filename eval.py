@@ -20,16 +20,17 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import CheckpointError, autocast, load_model, parse_config, run_main
 from data import task
 from data.formats import load_demonstrations
-from data.tokenizer import encode_examples, get_tokenizer, pad
+from data.tokenizer import encode_examples, get_tokenizer
 from kernels import kl_full
-from ppo import response_mask, reward_scores
+from ppo import response_mask
+from reward import last_token_scores
 from sample import decode, encode_prompts, generate, get_prompts
+from sft import demo_batch, nll_sum
 
 
 @dataclass
@@ -67,7 +68,7 @@ def rollouts(policy, prompts, cfg, seed, reward_model=None, ref_model=None):
         out["responses"] += [decode(enc, r) for r in response.tolist()]
         out["ended"] += (response == enc.eot_token).any(1).tolist()
         if reward_model is not None:
-            out["rm_score"] += reward_scores(reward_model, seq, seq_mask).tolist()
+            out["rm_score"] += last_token_scores(reward_model, seq, seq_mask).tolist()
         if ref_model is not None:
             with autocast(device):
                 logits = policy(seq[:, :-1], seq_mask[:, :-1])[:, P - 1:]  # (B, N, V)
@@ -85,17 +86,9 @@ def perplexity(model, demos, batch_size=128):
     examples = encode_examples(enc, demos, model.config.block_size)
     nll, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        ids, mask = pad([p + r for p, r in chunk], enc.eot_token)
-        ids, mask = ids.to(device), mask.to(device)
-        target_mask = torch.zeros_like(mask)
-        for i, (p, r) in enumerate(chunk):
-            target_mask[i, len(p):len(p) + len(r)] = 1
-        with autocast(device):
-            logits = model(ids[:, :-1], mask[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        nll += (losses * target_mask[:, 1:]).sum().item()
-        count += target_mask[:, 1:].sum().item()
+        ids, mask, loss_mask = demo_batch(examples[s:s + batch_size], enc.eot_token, device)
+        nll += nll_sum(model, ids, mask, loss_mask).item()
+        count += loss_mask[:, 1:].sum().item()
     return math.exp(nll / count)
 
 

@@ -29,6 +29,7 @@ from data import task
 from data.formats import DataError, load_prompts
 from data.tokenizer import get_tokenizer
 from kernels import ppo_advantages, token_logprobs
+from reward import last_token_scores
 from sample import decode, encode_prompts, generate
 
 
@@ -120,15 +121,6 @@ def response_values(value_model, seq, mask, P):
         return value_model(seq[:, :-1], mask[:, :-1])[:, P - 1:].float()
 
 
-@torch.no_grad()
-def reward_scores(reward_model, seq, mask):
-    """The reward model's score of each sequence, read on its last valid token. (B,)"""
-    with autocast(seq.device):
-        values = reward_model(seq, mask).float()  # (B, T)
-    last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # column of the last 1 in each row
-    return values[torch.arange(seq.size(0), device=seq.device), last]
-
-
 # ----------------------------------------------------------------------------- main
 
 def main():
@@ -207,7 +199,7 @@ def main():
                 old_logprobs.append(response_logprobs(policy, seq[c], seq_mask[c], P, cfg.temperature))
                 ref_logprobs.append(response_logprobs(ref_policy, seq[c], seq_mask[c], P, cfg.temperature))
                 old_values.append(response_values(value_model, seq[c], seq_mask[c], P))
-                scores.append(reward_scores(reward_model, seq[c], seq_mask[c]))
+                scores.append(last_token_scores(reward_model, seq[c], seq_mask[c]))
             old_logprobs, ref_logprobs, old_values, scores = (torch.cat(x) for x in (old_logprobs, ref_logprobs, old_values, scores))
             ended = (response == eos).any(1)
             raw_scores = scores

@@ -78,14 +78,19 @@ def encode_rankings(enc, rows, block_size, stats):
     return out
 
 
+def last_token_scores(model, ids, mask):
+    """The scalar head on each sequence's last real token (the EOS of a finished response), for
+    left- or right-padded (B, T) ids and mask. Returns (B,) fp32."""
+    with autocast(ids.device):
+        values = model(ids, mask).float()  # (B, T)
+    last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # column of the last 1 in each row
+    return values[torch.arange(ids.size(0), device=ids.device), last]
+
+
 def score_sequences(model, seqs, eot, device):
-    """Reward of each full sequence: the scalar head on its last token. Returns (N,) fp32."""
+    """Reward of each token-id list, as last_token_scores. Returns (N,) fp32."""
     ids, mask = pad(seqs, eot)  # right-padded (N, T)
-    ids, mask = ids.to(device), mask.to(device)
-    with autocast(device):
-        values = model(ids, mask)  # (N, T)
-    last = mask.sum(1) - 1
-    return values.float()[torch.arange(len(seqs), device=device), last]
+    return last_token_scores(model, ids.to(device), mask.to(device))
 
 
 def ranking_loss(rewards, batch):

@@ -53,6 +53,24 @@ class Config:
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
 
 
+def demo_batch(examples, eot, device):
+    """[(prompt_ids, response_ids)] -> right-padded ids, attention mask and loss mask, (B, T) each;
+    the loss mask covers the response tokens and their EOS."""
+    ids, mask = pad([p + r for p, r in examples], eot)
+    loss_mask = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(examples):
+        loss_mask[i, len(p):len(p) + len(r)] = 1
+    return ids.to(device), mask.to(device), loss_mask.to(device)
+
+
+def nll_sum(model, ids, mask, loss_mask):
+    """Summed negative log-likelihood of the loss-masked tokens (the caller divides by the count)."""
+    with autocast(ids.device):
+        logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    return (nll * loss_mask[:, 1:]).sum()
+
+
 def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
@@ -88,18 +106,7 @@ def main():
     assert len(train) > 0 and len(val) > 0, "no demonstrations left to train on"
 
     def batch(examples):
-        ids, mask = pad([p + r for p, r in examples], enc.eot_token)  # right-padded, (B, T)
-        loss_mask = torch.zeros_like(mask)
-        for i, (p, r) in enumerate(examples):
-            loss_mask[i, len(p):len(p) + len(r)] = 1  # response tokens and their EOS
-        return ids.to(d.device), mask.to(d.device), loss_mask.to(d.device)
-
-    def nll_sum(model, ids, mask, loss_mask):
-        """Summed negative log-likelihood of the response tokens (the caller divides by the count)."""
-        with autocast(d.device):
-            logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-        return (nll * loss_mask[:, 1:]).sum()
+        return demo_batch(examples, enc.eot_token, d.device)
 
     @torch.no_grad()
     def evaluate():
