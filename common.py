@@ -90,6 +90,11 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def compute_dtype(device):
+    """The dtype that frozen models and rollout copies are kept in: bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def all_reduce_mean(x, d):
     """Mean of a float or tensor over processes (for logging and validation)."""
     t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()

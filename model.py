@@ -3,15 +3,20 @@ The one GPT of minRLHF: GPT-2's architecture (learned positions, pre-LayerNorm, 
 embeddings) with GPT-2's parameter names, so imported weights map one to one.
 
 The same trunk serves every stage: with `head="lm"` it is the policy (logits over the
-vocabulary); with `head="scalar"` it is the reward or value model (one number per position,
-a Linear(n_embd, 1) on the final hidden state).
+vocabulary, or straight to the log-probs of given targets); with `head="scalar"` it is the
+reward or value model (one number per position, a Linear(n_embd, 1) on the final hidden state).
 
 Batches of prompts are LEFT-padded, so that every prompt ends at the same column and
 generation appends to all rows at once. Padding never changes a real token's output:
 position ids come from the attention mask (a row's first real token is position 0), and no
-real token attends to a pad.
+real token attends to a pad. A batch with no left pads (right-padded, or none at all) passes
+attention_mask=None: causal attention alone already keeps real tokens off the pads after them.
+
+Fast generation (the Sampler below) follows gpt-fast: a static KV cache, the prompt prefilled in
+one forward, then a decode step of fixed shapes that a CUDA graph replays.
 """
 
+import copy
 import json
 import math
 import os
@@ -21,12 +26,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import token_logprobs
+
+# cuDNN attention is left out on purpose: it builds a new plan for every shape it has not seen,
+# and PPO brings a new prompt width every rollout (about 50 ms per decoded token on an H100 while
+# the widths are new, against 6 ms without it). Flash attention takes the unmasked causal case,
+# memory-efficient attention the masked one, the math kernel what neither supports (CPU included).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+VOCAB_MULTIPLE = 128  # embedding rows are padded to this, so the lm_head matmul and the logits rows are aligned
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence (prompt + response) the model sees
-    vocab_size: int = 50257  # GPT-2's; the built-in task's tokenizer is far smaller
+    vocab_size: int = 50257  # tokens; the embedding has padding rows up to a multiple of 128 that are never used
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -34,6 +49,10 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
     head: str = "lm"  # "lm": next-token logits; "scalar": one value per position (reward, value)
     tokenizer: str = "gpt2"  # which tokenizer the embeddings belong to; stages refuse mismatches
+
+    @property
+    def padded_vocab(self):
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,14 +66,28 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, allowed, cache=None):
+        """allowed: (B, 1, T, S) bool, True where query t may attend to key s; None: causal only.
+        cache: (k, v, col) while generating: the layer's static (B, nh, L, hd) buffers and where
+        to write this call's keys: col None writes columns 0..T-1 (the prompt) and attends to
+        them alone; a 1-element tensor writes that column and attends to every column, the mask
+        choosing (a decode step: the same shapes every step)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, T_past + T, hd)
-        # allowed: (B, 1, T, T_past + T), True where query t may attend to key s
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+            k_cache, v_cache, col = cache
+            if col is None:
+                k_cache[:, :, :T], v_cache[:, :, :T] = k, v
+            else:
+                k_cache.index_copy_(2, col, k)  # a device tensor, so no host sync and graph-safe
+                v_cache.index_copy_(2, col, v)
+                k, v = k_cache, v_cache  # (B, nh, L, hd)
+        dropout = self.attn_dropout if self.training else 0.0
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            if allowed is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -85,22 +118,6 @@ class Block(nn.Module):
         return x
 
 
-class LayerCache:
-    """Keys and values of one layer, preallocated for the whole generation."""
-
-    def __init__(self, B, n_head, max_len, head_dim, dtype, device):
-        self.k = torch.empty(B, n_head, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
-
-    def append(self, k, v):
-        T = k.size(2)
-        self.k[:, :, self.length:self.length + T] = k
-        self.v[:, :, self.length:self.length + T] = v
-        self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
-
-
 def position_ids_from_mask(attention_mask):
     """(B, T) mask of 1 = token, 0 = pad -> (B, T) positions; each row's first token is 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -124,13 +141,13 @@ class GPT(nn.Module):
         assert config.head in ("lm", "scalar"), f"unknown head {config.head!r}"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         # reward / value models: the same trunk with one scalar out of the last hidden state
         self.score = nn.Linear(config.n_embd, 1) if config.head == "scalar" else None
@@ -140,6 +157,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.score is not None:  # N+ implementation details: std 1/sqrt(n_embd + 1), bias 0
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
+        with torch.no_grad():
+            self.transformer.wte.weight[config.vocab_size:] = 0.0  # padding rows: never looked up, cut from every softmax
+        # Checkpoints hold the vocab_size real rows only; the padding is a layout detail of this
+        # process, added back on load.
+        self.register_state_dict_post_hook(_cut_vocab_padding)
+        self.register_load_state_dict_pre_hook(_add_vocab_padding)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -152,33 +175,42 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
-    def forward(self, idx, attention_mask=None, *, cache=None, return_hidden=False):
-        """idx: (B, T) token ids; attention_mask: (B, T_past + T), 1 = token, 0 = pad (None: no pads).
-        With a cache, idx holds only the new tokens and the cache the T_past before them.
-        Returns logits (B, T, V) for head="lm", values (B, T) for head="scalar",
-        or the final hidden states (B, T, n_embd) with return_hidden=True."""
+    def forward(self, idx, attention_mask=None, *, start=0, targets=None, temperature=1.0, return_entropy=False,
+                return_hidden=False):
+        """idx: (B, T) token ids; attention_mask: (B, T), 1 = token, 0 = pad, or None when no row
+        has a pad before a real token (then causal attention alone is right, and flash attention runs).
+        Only positions from `start` on go through the head: T' = T - start outputs per row.
+        Returns logits (B, T', vocab_size) for head="lm", or with targets (B, T') the fp32 log-probs
+        of the targets under softmax(logits / temperature), and with return_entropy the tuple
+        (log-probs, entropy), through kernels.token_logprobs (no fp32 copy of the logits);
+        values (B, T') for head="scalar"; the final hidden states (B, T', n_embd) with return_hidden=True."""
         B, T = idx.shape
-        T_past = cache[0].length if cache is not None else 0
+        assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
         if attention_mask is None:
-            attention_mask = torch.ones(B, T_past + T, dtype=torch.long, device=idx.device)
-        assert attention_mask.shape == (B, T_past + T), "attention_mask must cover past and new tokens"
-        assert T_past + T <= self.config.block_size, f"sequence of {T_past + T} > block_size {self.config.block_size}"
-        pos = position_ids_from_mask(attention_mask)[:, T_past:]  # (B, T)
-        allowed = attention_allowed(attention_mask, T)  # (B, 1, T, T_past + T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, allowed, cache[i] if cache is not None else None)
-        x = self.transformer.ln_f(x)
+            pos, allowed = torch.arange(T, device=idx.device)[None], None
+        else:
+            assert attention_mask.shape == (B, T), "attention_mask must be (B, T) like idx"
+            pos, allowed = position_ids_from_mask(attention_mask), attention_allowed(attention_mask, T)
+        x = self.trunk(idx, pos, allowed)[:, start:]  # (B, T', C)
         if return_hidden:
             return x
         if self.score is not None:
-            return self.score(x).squeeze(-1)  # (B, T)
-        return self.lm_head(x)  # (B, T, V)
+            return self.score(x).squeeze(-1)  # (B, T')
+        if targets is None:
+            return self.lm_logits(x)  # (B, T', V)
+        return token_logprobs(self.lm_logits(x), targets, temperature=temperature, return_entropy=return_entropy)
 
-    def new_cache(self, B, max_len):
-        c = self.config
-        p = self.transformer.wte.weight
-        return [LayerCache(B, c.n_head, max_len, c.n_embd // c.n_head, p.dtype, p.device) for _ in range(c.n_layer)]
+    def trunk(self, idx, pos, allowed, caches=None):
+        """Embeddings, blocks, final LayerNorm: (B, T) ids at positions pos -> (B, T, C) hidden states."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, allowed, None if caches is None else caches[i])
+        return self.transformer.ln_f(x)
+
+    def lm_logits(self, x):
+        """(..., C) -> (..., vocab_size): the head at the aligned padded width, the padding columns
+        sliced off (a view: every softmax, log-prob and KL sees the real tokens alone)."""
+        return self.lm_head(x)[..., :self.config.vocab_size]
 
     @torch.no_grad()
     def generate(self, idx, attention_mask, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
@@ -186,24 +218,22 @@ class GPT(nn.Module):
         """Sample continuations of a batch of left-padded prompts.
         idx, attention_mask: (B, P). Returns the new tokens (B, N), N <= max_new_tokens; a row
         that has produced eos_id is filled with eos_id afterwards, and sampling stops once
-        every row has. n_vocab: sample only ids below it (the embedding may have padding rows
-        beyond the tokenizer's last token). use_cache=False recomputes the whole sequence each step: the slow
-        reference that the KV-cache path is tested against."""
+        every row has. n_vocab: sample only ids below it. use_cache=True runs the Sampler (static
+        KV cache, eager here); use_cache=False recomputes the whole sequence each step: the slow
+        reference that the Sampler is tested against."""
         assert self.config.head == "lm", "only a language-model head can generate"
-        B, P = idx.shape
-        cache = self.new_cache(B, P + max_new_tokens) if use_cache else None
+        if use_cache:
+            return Sampler(self, cuda_graph=False).generate(idx, attention_mask, max_new_tokens, temperature=temperature,
+                                                            top_k=top_k, top_p=top_p, eos_id=eos_id, n_vocab=n_vocab,
+                                                            generator=generator)
         seq, mask = idx, attention_mask
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         new = []
         for _ in range(max_new_tokens):
-            if cache is None:
-                logits = self(seq, mask)[:, -1]  # (B, V)
-            else:
-                step_input = seq if not new else seq[:, -1:]  # the whole prompt first, then one token
-                logits = self(step_input, mask, cache=cache)[:, -1]
+            logits = self(seq, mask)[:, -1]  # (B, V)
             next_token = sample_token(logits[:, :n_vocab].float(), temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
-                next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+                next_token = torch.where(done, eos_id, next_token)
                 done = done | (next_token == eos_id)
             new.append(next_token)
             seq = torch.cat([seq, next_token[:, None]], dim=1)
@@ -288,6 +318,140 @@ class GPT(nn.Module):
             os.remove(score_path)  # a policy saved over an old reward model's directory
 
 
+
+def _cut_vocab_padding(module, state_dict, prefix, local_metadata):
+    # one clone shared by the tied names, so a checkpoint stores the embedding once
+    keys = [prefix + k for k in ("transformer.wte.weight", "lm_head.weight") if prefix + k in state_dict]
+    if keys:
+        real = state_dict[keys[0]][:module.config.vocab_size].clone()
+        for k in keys:
+            state_dict[k] = real
+
+
+def _add_vocab_padding(module, state_dict, prefix, *args):
+    for k in (prefix + "transformer.wte.weight", prefix + "lm_head.weight"):
+        w = state_dict.get(k)
+        if w is not None and w.size(0) < module.config.padded_vocab:
+            state_dict[k] = torch.cat([w, w.new_zeros(module.config.padded_vocab - w.size(0), w.size(1))])
+
+
+class Sampler:
+    """Sampling from a GPT without CPU overhead: gpt-fast's recipe, for left-padded batches.
+
+    - The weights in the compute dtype (bf16 on a GPU): a copy refreshed in place once per rollout
+      by load(), so autocast does not cast every weight again at every decode step.
+    - A static KV cache: the prompt goes through in one forward (prefill) that fills columns
+      0..P-1; each decode step writes one column and attends to all L columns, the mask choosing
+      the real ones. The mask, the positions and the column come from buffers on the device that
+      the step itself advances, so every step has the same shapes and needs no host.
+    - On CUDA the decode step is captured once per (batch, L) as a CUDA graph and replayed; L is
+      P + max_new_tokens rounded up to 64, so a new prompt width rarely means a new capture.
+    - Sampling and the EOS check stay on the device; the host looks once every 16 tokens.
+    The naive loop (GPT.generate with use_cache=False) is the reference it is tested against.
+    The model is used as it is (eval mode is the caller's): dropout is 0 in RLHF anyway."""
+
+    def __init__(self, model, dtype=None, cuda_graph=True):
+        weight = model.transformer.wte.weight
+        if dtype is None or dtype == weight.dtype:
+            self.model = model
+        else:
+            self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        self.cuda_graph = cuda_graph and weight.is_cuda
+        self.B = self.capacity = None  # the static buffers' batch size and length
+        self.graphs = {}  # L -> (graph, its static logits)
+
+    @torch.no_grad()
+    def load(self, model):
+        """Copy the model's current weights into the sampling copy, in place, so that captured
+        graphs (which hold the copy's addresses) stay valid."""
+        if model is not self.model:
+            for mine, theirs in zip(self.model.parameters(), model.parameters()):
+                mine.copy_(theirs)
+
+    def _buffers(self, B, L):
+        if B == self.B and L <= self.capacity:
+            return
+        c, weight = self.model.config, self.model.transformer.wte.weight
+        shape = (B, c.n_head, L, c.n_embd // c.n_head)
+        # zeros, not empty: a masked-out key still meets its value in attention (0 * NaN is NaN)
+        self.kv = [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(c.n_layer)]
+        self.key_mask = torch.ones(B, L, dtype=torch.bool, device=weight.device)  # real prompt token or new token
+        self.cols = torch.arange(L, device=weight.device)
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=weight.device)  # the decode step's input
+        self.pos = torch.zeros(B, dtype=torch.long, device=weight.device)  # its position in each row
+        self.col = torch.zeros(1, dtype=torch.long, device=weight.device)  # its column in the cache
+        self.B, self.capacity, self.graphs = B, L, {}
+
+    def _step(self, L):
+        """One decode step of fixed shapes: self.token at self.pos into column self.col, then
+        advance both. Returns the next-token logits (B, vocab_size)."""
+        allowed = (self.key_mask[:, :L] & (self.cols[:L] <= self.col))[:, None, None, :]  # (B, 1, 1, L)
+        caches = [(k[:, :, :L], v[:, :, :L], self.col) for k, v in self.kv]
+        x = self.model.trunk(self.token, self.pos[:, None], allowed, caches)  # (B, 1, C)
+        self.pos += 1
+        self.col += 1
+        return self.model.lm_logits(x[:, -1])
+
+    def _decode(self, L):
+        if not self.cuda_graph:
+            return self._step(L)
+        if L not in self.graphs:
+            # CUDA graphs want their code warmed up on a side stream first (PyTorch's CUDA
+            # semantics notes); the warm-up steps advance the counters, so they are put back.
+            col, pos = self.col.clone(), self.pos.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(L)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._step(L)
+            self.col.copy_(col)
+            self.pos.copy_(pos)
+            self.graphs[L] = (graph, logits)
+        graph, logits = self.graphs[L]
+        graph.replay()
+        return logits
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 n_vocab=None, generator=None):
+        """As GPT.generate: (B, P) left-padded prompts -> (B, N) new tokens, EOS-filled after a row's EOS."""
+        model = self.model
+        B, P = idx.shape
+        assert P + max_new_tokens <= model.config.block_size, \
+            f"prompt of {P} + {max_new_tokens} new tokens > block_size {model.config.block_size}"
+        L = min(model.config.block_size, -(-(P + max_new_tokens) // 64) * 64)
+        self._buffers(B, L)
+        self.key_mask[:, :P] = attention_mask.bool()
+        self.key_mask[:, P:] = True
+        self.pos.copy_(attention_mask.sum(1))  # the first new token's position: the prompt's length
+        self.col.fill_(P)
+        # prefill: the whole prompt in one forward, filling cache columns 0..P-1
+        caches = [(k, v, None) for k, v in self.kv]
+        x = model.trunk(idx, position_ids_from_mask(attention_mask), attention_allowed(attention_mask, P), caches)
+        logits = model.lm_logits(x[:, -1])  # (B, V)
+        out = torch.full((B, max_new_tokens), 0 if eos_id is None else eos_id, dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for i in range(max_new_tokens):
+            token = sample_token(logits[:, :n_vocab].float(), temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                token = torch.where(done, eos_id, token)
+                done |= token == eos_id
+            out[:, i] = token
+            if i == max_new_tokens - 1 or (eos_id is not None and i % 16 == 15 and done.all()):
+                break  # done.all() is the loop's only host sync, once every 16 tokens
+            self.token.copy_(token[:, None])
+            logits = self._decode(L)
+        if eos_id is not None:  # as the naive loop: stop at the step where the last row ended
+            is_eos = out == eos_id
+            first = torch.where(is_eos.any(1), is_eos.long().argmax(1), max_new_tokens - 1)
+            out = out[:, :int(first.max()) + 1]
+        return out
+
+
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits: (B, V) -> (B,) token ids. temperature 0 is greedy."""
     if temperature == 0:
@@ -303,7 +467,10 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reached top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # argmax of p_i / E_i with E_i ~ Exp(1) is token i with probability p_i, as torch.multinomial
+    # draws, but with no host sync (gpt-fast's multinomial_sample_one_no_sync)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 # ----------------------------------------------------------------------------- GPT-2 checkpoint files

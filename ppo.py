@@ -23,12 +23,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, make_optimizer, \
-    parse_config, print0, run_main, save_checkpoint, setup
+from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, compute_dtype, load_model, \
+    make_optimizer, parse_config, print0, run_main, save_checkpoint, setup
 from data import task
 from data.formats import DataError, load_prompts
 from data.tokenizer import get_tokenizer
-from kernels import ppo_advantages, token_logprobs
+from kernels import ppo_advantages
+from model import Sampler
 from reward import last_token_scores
 from sample import decode, encode_prompts, generate
 
@@ -46,6 +47,7 @@ class Config:
     lr: float = 1e-4  # Adam learning rate for policy and value model
     max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
     temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
+    cuda_graph: bool = True  # on GPU, replay the decode step as a CUDA graph (false: the plain eager step)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
     kl_coef: float = 0.2  # beta: weight of the per-token KL penalty
     kl_estimator: str = "k1"  # per-token KL: k1 = log p/q, k2, k3 (Schulman's note on KL approximations)
@@ -109,16 +111,18 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
 # ----------------------------------------------------------------------------- forward passes
 
 def response_logprobs(policy, seq, mask, P, temperature, return_entropy=False):
-    """Log-probs (B, N) of the response tokens seq[:, P:] under the policy at `temperature`."""
+    """Log-probs (B, N) of the response tokens seq[:, P:] under the policy at `temperature`.
+    Position t predicts token t + 1, so positions P - 1 .. T - 2 predict the response; only they
+    go through the lm_head (the prompt's logits would be thrown away)."""
     with autocast(seq.device):
-        logits = policy(seq[:, :-1], mask[:, :-1])[:, P - 1:]  # (B, N, V): position t predicts t+1
-    return token_logprobs(logits, seq[:, P:], temperature=temperature, return_entropy=return_entropy)
+        return policy(seq[:, :-1], mask[:, :-1], start=P - 1, targets=seq[:, P:], temperature=temperature,
+                      return_entropy=return_entropy)
 
 
 def response_values(value_model, seq, mask, P):
     """Value (B, N) of the state before each response token."""
     with autocast(seq.device):
-        return value_model(seq[:, :-1], mask[:, :-1])[:, P - 1:].float()
+        return value_model(seq[:, :-1], mask[:, :-1], start=P - 1).float()
 
 
 # ----------------------------------------------------------------------------- main
@@ -131,10 +135,12 @@ def main():
     assert cfg.kl_estimator in ("k1", "k2", "k3"), f"unknown kl_estimator {cfg.kl_estimator!r}"
     local_batch, local_mini = cfg.batch_size // d.world_size, cfg.mini_batch_size // d.world_size
 
-    # ---- models: policy and frozen reference from SFT; value model and frozen reward model from the RM
+    # ---- models: policy and frozen reference from SFT; value model and frozen reward model from the RM.
+    # The frozen ones are kept in bf16 on a GPU (fp32 on CPU): autocast would cast them every forward.
+    frozen = compute_dtype(d.device)
     policy = load_model(cfg.init, kind="policy", device=d.device)
-    ref_policy = load_model(cfg.init, kind="policy", device=d.device).eval().requires_grad_(False)
-    reward_model = load_model(cfg.reward, kind="reward", device=d.device).eval().requires_grad_(False)
+    ref_policy = load_model(cfg.init, kind="policy", device=d.device).to(frozen).eval().requires_grad_(False)
+    reward_model = load_model(cfg.reward, kind="reward", device=d.device).to(frozen).eval().requires_grad_(False)
     value_model = load_model(cfg.reward, kind="reward", device=d.device)
     if reward_model.config.tokenizer != policy.config.tokenizer:
         raise CheckpointError(f"{cfg.reward}: reward model uses tokenizer {reward_model.config.tokenizer!r} "
@@ -148,6 +154,8 @@ def main():
     optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, 0.0, d.device, betas=(0.9, 0.999))
     ddp_policy = DDP(policy) if d.ddp else policy
     ddp_value = DDP(value_model) if d.ddp else value_model
+    # the policy's rollout copy: bf16 on GPU, refreshed once per rollout; its decode step a CUDA graph
+    sampler = Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph)
 
     # ---- prompts
     stats = {}
@@ -181,8 +189,9 @@ def main():
         # ---- 2. generate, cut each response after its EOS
         t0 = time.time()
         policy.eval()
+        sampler.load(policy)
         query, query_mask, response = generate(policy, [prompt_ids[i] for i in batch_idx], max_new_tokens=cfg.max_new_tokens,
-                                               temperature=cfg.temperature, generator=sample_gen)
+                                               temperature=cfg.temperature, generator=sample_gen, sampler=sampler)
         P = query.size(1)
         mask = response_mask(response, eos).float()  # (B, N)
         seq = torch.cat([query, response], 1)  # (B, P + N)

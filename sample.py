@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import autocast, load_model, parse_config, run_main
+from common import compute_dtype, load_model, parse_config, run_main
 from data import task
 from data.formats import load_prompts, write_jsonl
 from data.tokenizer import get_tokenizer, pad
+from model import Sampler
 
 
 @dataclass
@@ -50,16 +51,18 @@ def encode_prompts(enc, prompts, max_len, stats=None):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def generate(model, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, sampler=None):
     """Left-pad a batch of prompts and sample. Returns (prompt (B, P), prompt_mask (B, P),
-    response (B, N)), the response filled with EOS after a row's first EOS."""
+    response (B, N)), the response filled with EOS after a row's first EOS. sampler: a
+    model.Sampler to reuse (its static buffers and CUDA graphs); default a new one, with bf16
+    weights on a GPU."""
     device = next(model.parameters()).device
     enc = get_tokenizer(model.config.tokenizer)
     ids, mask = pad(prompt_ids, enc.eot_token, left=True)
     ids, mask = ids.to(device), mask.to(device)
-    with autocast(device):
-        response = model.generate(ids, mask, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                  top_p=top_p, eos_id=enc.eot_token, n_vocab=enc.n_vocab, generator=generator)
+    sampler = sampler or Sampler(model, dtype=compute_dtype(device))
+    response = sampler.generate(ids, mask, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                                eos_id=enc.eot_token, n_vocab=enc.n_vocab, generator=generator)
     return ids, mask, response
 
 
@@ -79,11 +82,12 @@ def sample_responses(model, prompts, k=1, *, batch_size=256, seed=0, max_new_tok
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = encode_prompts(enc, prompts, model.config.block_size - max_new_tokens)
     flat = [i for i in range(len(prompts)) for _ in range(k)]  # each prompt k times, side by side
+    sampler = Sampler(model, dtype=compute_dtype(device))
     texts = []
     for s in tqdm(range(0, len(flat), batch_size), desc="sampling", disable=None if progress else True):
         chunk = flat[s:s + batch_size]
         _, _, response = generate(model, [prompt_ids[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                  generator=generator, **sampling)
+                                  generator=generator, sampler=sampler, **sampling)
         texts += [decode(enc, r) for r in response.tolist()]
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 

@@ -24,7 +24,7 @@ from common import Logger, all_reduce_mean, autocast, cleanup, load_model, micro
     save_checkpoint, setup, make_optimizer, lr_at
 from data import task
 from data.formats import load_demonstrations
-from data.tokenizer import encode_examples, get_tokenizer, pad, vocab_size_for
+from data.tokenizer import encode_examples, get_tokenizer, pad
 from model import GPT, GPTConfig
 
 
@@ -81,7 +81,7 @@ def main():
         model = load_model(cfg.init, kind="policy", device=d.device)
     else:
         enc = get_tokenizer(cfg.tokenizer)
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size_for(enc), n_layer=cfg.n_layer,
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer)).to(d.device)
     enc = get_tokenizer(model.config.tokenizer)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")

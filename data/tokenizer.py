@@ -95,11 +95,6 @@ def gpt2_tokenizer():
                         f"to a local copy of r50k_base.tiktoken") from None
 
 
-def vocab_size_for(enc):
-    """Embedding rows for a tokenizer: its size rounded up to a multiple of 64 (faster matmuls)."""
-    return (enc.n_vocab + 63) // 64 * 64
-
-
 def encode_examples(enc, examples, max_len, stats=None):
     """[{prompt, response}] -> [(prompt_ids, response_ids)], the response ending in EOS.
     Too long: the prompt is cut from the left and the response kept; an example whose response

@@ -88,10 +88,10 @@ def test_killed_mid_session_loses_nothing_and_resumes_after_last_answer(tmp_path
 def test_init_samples_from_a_checkpoint(tmp_path):
     import torch
     from common import save_checkpoint
-    from data.tokenizer import get_tokenizer, vocab_size_for
+    from data.tokenizer import get_tokenizer
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    config = GPTConfig(block_size=48, vocab_size=vocab_size_for(get_tokenizer("task")), n_layer=1, n_head=2,
+    config = GPTConfig(block_size=48, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2,
                        n_embd=16, tokenizer="task")
     save_checkpoint(str(tmp_path / "ckpt.pt"), GPT(config), kind="policy", config=config, step=0)
     out = tmp_path / "rankings.jsonl"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from model import GPT, GPTConfig, sample_token
+from model import GPT, GPTConfig, Sampler, sample_token
 
 EOS = 3  # any id works as EOS for a random model; 3 is common enough to be sampled sometimes
 
@@ -209,3 +209,96 @@ def test_save_is_atomic(tmp_path):
     common.save_checkpoint(path, tiny_gpt(seed=1), kind="policy", config=Config(), step=2)  # overwrite
     assert os.listdir(out) == ["ckpt.pt"]
     assert common.load_checkpoint(path)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- the Sampler (static cache, decode step)
+
+def test_sampler_reused_across_prompt_widths_equals_naive():
+    # as in PPO: one Sampler, rollouts of new prompt widths (so new cache lengths, and a buffer
+    # that grows), left padding and EOS; every rollout must equal the naive loop
+    model = tiny_gpt()
+    sampler = Sampler(model, cuda_graph=False)
+    g = torch.Generator().manual_seed(3)
+    for width, n_new in ((3, 20), (9, 12), (40, 20), (2, 5)):
+        prompts = [torch.randint(4, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, width + 1, (5,), generator=g)]
+        prompts[0] = prompts[0][:1] + [5] * (width - 1)  # one row of the full width
+        ids, mask = left_pad(prompts)
+        free = model.generate(ids, mask, n_new, temperature=0, use_cache=False)
+        eos = int(free[1, n_new // 2])  # an EOS that greedy decoding produces mid-way
+        naive = model.generate(ids, mask, n_new, temperature=0, eos_id=eos, use_cache=False)
+        assert torch.equal(sampler.generate(ids, mask, n_new, temperature=0, eos_id=eos), naive), width
+        assert torch.equal(sampler.generate(ids, mask, n_new, temperature=0), free), width
+
+
+def test_sampler_copy_in_another_dtype_follows_load():
+    # the rollout copy (bf16 on a GPU) is refreshed in place by load(), as PPO does once per rollout
+    model = tiny_gpt()
+    sampler = Sampler(model, dtype=torch.float64, cuda_graph=False)
+    assert sampler.model is not model and sampler.model.transformer.wte.weight.dtype == torch.float64
+    ids, mask = left_pad(PROMPTS)
+    before = sampler.generate(ids, mask, 10, temperature=0)
+    assert torch.equal(before, model.generate(ids, mask, 10, temperature=0, use_cache=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    expected = model.generate(ids, mask, 10, temperature=0, use_cache=False)
+    assert not torch.equal(expected, before)  # the change matters
+    assert torch.equal(sampler.generate(ids, mask, 10, temperature=0), before)  # stale until load()
+    sampler.load(model)
+    assert torch.equal(sampler.generate(ids, mask, 10, temperature=0), expected)
+
+
+def test_sample_token_draws_in_proportion():
+    # the host-sync-free draw (argmax of p / Exp(1) noise) follows the probabilities
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    tok = sample_token(probs.log().repeat(20000, 1), 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+# ----------------------------------------------------------------------------- vocabulary padding, heads
+
+def test_vocab_padding_is_never_seen():
+    model = tiny_gpt()  # vocab_size 50: 128 embedding rows
+    assert model.transformer.wte.weight.shape[0] == 128 and model.config.padded_vocab == 128
+    with torch.no_grad():
+        model.transformer.wte.weight[50:] = 5.0  # padding rows that would win every softmax
+    idx = torch.randint(0, 50, (2, 9))
+    logits = model(idx)
+    assert logits.shape == (2, 9, 50)
+    targets = torch.arange(50)[:, None, None].expand(50, 2, 9)  # every real token, at every position
+    total = torch.stack([model(idx, targets=t).exp() for t in targets]).sum(0)
+    torch.testing.assert_close(total, torch.ones(2, 9))  # all the mass is on real tokens
+    assert int(model.generate(idx, torch.ones_like(idx), 30, temperature=1.0, use_cache=False).max()) < 50
+    assert model.state_dict()["transformer.wte.weight"].shape[0] == 50  # checkpoints hold real rows only
+    again = GPT(model.config)
+    again.load_state_dict(model.state_dict())
+    assert again.transformer.wte.weight.shape[0] == 128 and (again.transformer.wte.weight[50:] == 0).all()
+    torch.testing.assert_close(again(idx), logits)
+
+
+def test_forward_from_start_with_targets():
+    model = tiny_gpt()
+    torch.manual_seed(4)
+    ids, mask = left_pad(PROMPTS)
+    targets = torch.randint(0, 50, (4, 3))
+    full = model(ids, mask)  # (B, T, V)
+    logprobs, entropy = model(ids, mask, start=3, targets=targets, temperature=0.7, return_entropy=True)
+    expected = torch.log_softmax(full[:, 3:].double() / 0.7, -1)
+    torch.testing.assert_close(logprobs.double(), expected.gather(-1, targets[..., None])[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(expected.exp() * expected).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids, mask, start=3), full[:, 3:])
+    value = tiny_gpt(head="scalar")
+    torch.testing.assert_close(value(ids, mask, start=2), value(ids, mask)[:, 2:])
+
+
+def test_no_mask_equals_mask_for_right_padding():
+    # right-padded batches (SFT, the reward model) may skip the mask: causal attention keeps real
+    # tokens off the pads after them, and positions count from 0 either way
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 10))
+    mask = torch.ones_like(idx)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    real = mask.bool()
+    torch.testing.assert_close(model(idx)[real], model(idx, mask)[real], rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ import reward
 from common import load_checkpoint, save_checkpoint
 from data import task
 from data.formats import write_jsonl
-from data.tokenizer import get_tokenizer, vocab_size_for
+from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from sample import sample_responses
 
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 def tiny(head="lm"):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=vocab_size_for(get_tokenizer("task")), n_layer=1, n_head=2,
+    return GPT(GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2,
                          n_embd=16, head=head, tokenizer="task"))
 
 

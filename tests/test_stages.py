@@ -18,7 +18,7 @@ import reward
 import sft
 from data import task
 from data.formats import ranking_pairs, write_jsonl
-from data.tokenizer import get_tokenizer, vocab_size_for
+from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +169,7 @@ def loads_safely(path):
 
 
 def tiny_config(head="lm"):
-    return GPTConfig(block_size=64, vocab_size=vocab_size_for(get_tokenizer("task")), n_layer=1, n_head=2,
+    return GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2,
                      n_embd=32, head=head, tokenizer="task")
 
 
