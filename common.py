@@ -174,6 +174,56 @@ def load_model(path, kind=None, head=None, device="cpu"):
     return model.to(device)
 
 
+# ----------------------------------------------------------------------------- resume
+
+def rng_states(d, *generators):
+    """Every random state that decides what a stage does next, one dict per process (a
+    collective under torchrun: every process calls it): torch's CPU and CUDA default
+    generators and the stage's own generators (data order, sampling)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": [g.get_state() for g in generators]}
+    if not d.ddp:
+        return [mine]
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def set_rng_states(d, states, *generators):
+    """Put back what rng_states saved, each process its own."""
+    mine = states[d.rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
+    for g, state in zip(generators, mine["generators"], strict=True):
+        g.set_state(state)
+
+
+def resume_checkpoint(cfg, kind, step_field, d):
+    """With --resume true, the stage's last checkpoint OUT/ckpt.pt, or None when there is none
+    yet (the run starts at the beginning). The checkpoint must come from the same settings:
+    anything but the step count (`step_field`) that differs is refused, naming the field."""
+    if not cfg.resume:
+        return None
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if not os.path.exists(path):
+        print0(f"resume: no checkpoint in {cfg.out} yet, starting from the beginning")
+        return None
+    ckpt = load_checkpoint(path, kind)
+    if "resume" not in ckpt:
+        raise CheckpointError(f"{path}: holds no state to resume from (it was written without --save_every)")
+    for f in dataclasses.fields(cfg):
+        saved, now = ckpt["config"].get(f.name), getattr(cfg, f.name)
+        if f.name not in (step_field, "resume") and saved != now:
+            raise CheckpointError(f"{path}: was written with --{f.name} {saved} but the command line has --{f.name} {now}; "
+                                  f"resume with the same settings (only --{step_field} may change)")
+    if len(ckpt["resume"]["rng"]) != d.world_size:
+        raise CheckpointError(f"{path}: was written by {len(ckpt['resume']['rng'])} process(es), not {d.world_size}; "
+                              f"resume with the same number")
+    print0(f"resume: {path} at step {ckpt['step']}")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- training
 
 def make_optimizer(model, lr, weight_decay, device, betas=(0.9, 0.95)):
@@ -192,6 +242,20 @@ def micro_batches(batch_size, micro_batch_size, world_size):
     assert micro > 0 and batch_size % per_step == 0, \
         f"batch_size {batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
     return micro, batch_size // per_step
+
+
+def token_batches(lengths, max_tokens):
+    """Consecutive index batches of sequences with these lengths, each padded batch (count x
+    longest) within max_tokens, so that scoring never needs more memory than a training step."""
+    batch, longest = [], 0
+    for i, n in enumerate(lengths):
+        if batch and (len(batch) + 1) * max(longest, n) > max_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield batch
 
 
 def lr_at(step, lr, warmup, total, min_ratio=0.1):
@@ -215,15 +279,23 @@ def run_main(main):
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
-    """One `|`-separated line per step on the console, every metric to OUT/metrics.jsonl."""
+    """One `|`-separated line per step on the console, every metric to OUT/metrics.jsonl.
+    resume_step: a resumed run keeps the rows up to that step and appends after them, so the
+    file never holds a step twice."""
 
-    def __init__(self, out_dir, master=True):
+    def __init__(self, out_dir, master=True, resume_step=None):
         self.master = master
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
         if master:
             os.makedirs(out_dir, exist_ok=True)
-            open(self.path, "w").close()
+            rows = []
+            if resume_step is not None and os.path.exists(self.path):
+                with open(self.path) as f:
+                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.path + ".tmp", self.path)
 
     def log(self, step, metrics, console=None, bar=None):
         """console: the keys to print (default: all); bar: a tqdm bar to write through."""

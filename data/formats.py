@@ -7,16 +7,16 @@ in `.gz` go through gzip. Each loader recognises a line's format by its fields, 
 files people already have (TRL's prompt/chosen/rejected, Anthropic HH-RLHF) work as they are:
 
 demonstrations  {"prompt", "response"}. Also TRL pairs {"prompt", "chosen", "rejected"} (the
-                chosen response is the demonstration) and HH lines (split_hh_dialogue(chosen)).
+                chosen response is the demonstration) and HH lines (split_hh_pair: the chosen one).
 rankings        {"prompt", "responses": [2+ strings], "ranking", "rater"?}: 0-based indices into
                 responses, best first, tied responses sharing a sub-list: [2, [0, 3], 1] is read
                 as the groups [[2], [0, 3], [1]]. TRL pairs and HH lines are a ranking of two.
-prompts         any line with a string "prompt" (so every format here); HH lines give the prompt
-                of their chosen dialogue.
+prompts         any line with a string "prompt" (so every format here); HH lines give their
+                prompt by split_hh_pair.
 candidates      {"prompt", "responses": [1+ strings]}: written by sample.py, ranked by raters.
 HH-RLHF         {"chosen", "rejected"}: whole dialogues "\n\nHuman: ...\n\nAssistant: ...", maybe
-                several turns; the prompt is everything up to and including the last
-                "\n\nAssistant:", the response is the rest.
+                several turns; the prompt is their longest common prefix that ends with
+                "\n\nAssistant:", each response is what follows it (see split_hh_pair).
 """
 
 import gzip
@@ -62,6 +62,8 @@ def _read(path, formats, skip_bad_lines, stats):
             continue
         kept += 1
         yield lineno, row
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + kept
     if kept == 0 and bad:
         raise DataError(f"{path}: no valid line, {bad} bad ones skipped (the first, {first_bad})")
     if kept == 0:
@@ -140,11 +142,8 @@ def _check_type(name, value, kind):
                 raise ValueError(f"field '{name}' item {i} must be a string, got {_kind(item)}")
 
 
-def _hh_split(row, name):
-    try:
-        return split_hh_dialogue(row[name])
-    except ValueError as e:
-        raise ValueError(f"field '{name}': {e}") from None
+def _hh(row):
+    return split_hh_pair(row["chosen"], row["rejected"])
 
 
 def _rater(row):
@@ -165,8 +164,8 @@ def _load(path, formats, skip_bad_lines, stats):
 def load_demonstrations(path, *, skip_bad_lines=False, stats=None):
     """[{"prompt": str, "response": str}] from demonstrations, TRL pairs or HH lines."""
     def hh(row):
-        prompt, response = _hh_split(row, "chosen")
-        return {"prompt": prompt, "response": response}
+        prompt, chosen, _ = _hh(row)
+        return {"prompt": prompt, "response": chosen}
 
     formats = [
         ({"prompt": "string", "response": "string"},
@@ -194,11 +193,7 @@ def load_rankings(path, *, skip_bad_lines=False, stats=None):
                 "ranking": [[0], [1]], "rater": _rater(row)}
 
     def hh(row):
-        prompt, chosen = _hh_split(row, "chosen")
-        rejected_prompt, rejected = _hh_split(row, "rejected")
-        if rejected_prompt != prompt:
-            raise ValueError("'chosen' and 'rejected' are not the same dialogue up to their "
-                             "last '\\n\\nAssistant:' turn")
+        prompt, chosen, rejected = _hh(row)
         return {"prompt": prompt, "responses": [chosen, rejected], "ranking": [[0], [1]],
                 "rater": _rater(row)}
 
@@ -214,7 +209,7 @@ def load_prompts(path, *, skip_bad_lines=False, stats=None):
     """[str] from any line with a string "prompt", or the prompt of an HH line's chosen dialogue."""
     formats = [
         ({"prompt": "string"}, lambda row: row["prompt"]),
-        ({"chosen": "string", "rejected": "string"}, lambda row: _hh_split(row, "chosen")[0]),
+        ({"chosen": "string", "rejected": "string"}, lambda row: _hh(row)[0]),
     ]
     return _load(path, formats, skip_bad_lines, stats)
 
@@ -270,14 +265,19 @@ def ranking_pairs(ranking):
             for better in higher for worse in lower]
 
 
-def split_hh_dialogue(text):
-    """(prompt, response) of an HH-RLHF dialogue: the prompt is everything up to and including
-    the last "\\n\\nAssistant:" (earlier turns are context), the response is the rest."""
-    cut = text.rfind(HH_ASSISTANT)
+def split_hh_pair(chosen, rejected):
+    """(prompt, chosen response, rejected response) of an HH-RLHF row. The prompt is the longest
+    common prefix of the two dialogues that ends with "\\n\\nAssistant:"; each response is what
+    follows it, even where that holds a later turn: some published rows have responses with literal
+    "Human:" / "Assistant:" text, or dialogues that part before their last turn, so the last
+    "\\n\\nAssistant:" of each would not give the same prompt. (TRL's HH-RLHF helpful-base
+    preparation does the same.)"""
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(HH_ASSISTANT, 0, shared)  # the last marker wholly inside the shared part
     if cut < 0:
-        raise ValueError("dialogue has no '\\n\\nAssistant:' turn")
+        raise ValueError("'chosen' and 'rejected' share no '\\n\\nAssistant:' turn to split them at")
     cut += len(HH_ASSISTANT)
-    return text[:cut], text[cut:]
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def fit_to_context(prompt_ids, response_ids, max_len):

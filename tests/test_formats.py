@@ -7,7 +7,7 @@ import pytest
 
 from data.formats import (DataError, fit_to_context, load_candidates, load_demonstrations,
                           load_prompts, load_rankings, ranking_pairs, read_jsonl,
-                          split_hh_dialogue, write_jsonl)
+                          split_hh_pair, write_jsonl)
 
 # Two assistant turns: the prompt must keep the first exchange and end at the second "Assistant:".
 HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Blue."
@@ -235,15 +235,33 @@ def test_bad_rankings(tmp_path, responses, ranking, problem):
 
 def test_bad_hh_lines(tmp_path):
     path = write_lines(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": "\n\nHuman: x"}])
-    assert refusal(load_rankings, path) == (
-        f"{path}:1: field 'rejected': dialogue has no '\\n\\nAssistant:' turn")
-    assert load_demonstrations(path) == [{"prompt": HH_PROMPT, "response": " Blue."}]
+    message = f"{path}:1: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn to split them at"
+    for loader in (load_rankings, load_demonstrations, load_prompts):
+        assert refusal(loader, path) == message
 
-    other = HH_REJECTED.replace("Name a color", "Name a fruit")
-    path = write_lines(tmp_path / "hh2.jsonl", [{"chosen": HH_CHOSEN, "rejected": other}])
-    assert refusal(load_rankings, path) == (
-        f"{path}:1: 'chosen' and 'rejected' are not the same dialogue up to their last "
-        "'\\n\\nAssistant:' turn")
+
+def test_hh_rows_that_part_early_or_quote_turns(tmp_path):
+    # Shaped like the published rows that stopped reward.py: dialogues that part at an earlier
+    # turn, and a response that holds literal "Human:" / "Assistant:" text, so the two dialogues
+    # have different numbers of "\n\nAssistant:" markers.
+    first = "\n\nHuman: Hi there\n\nAssistant:"
+    fruit = HH_REJECTED.replace("Name a color", "Name a fruit")
+    quoting = HH_PROMPT + " Here is a script:\n\nHuman: hello\n\nAssistant: hi\n\nHuman: bye"
+    path = write_lines(tmp_path / "hh.jsonl", [
+        {"chosen": HH_CHOSEN, "rejected": fruit},
+        {"chosen": quoting, "rejected": HH_REJECTED},
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+    ])
+    assert load_rankings(path) == [
+        {"prompt": first, "responses": [HH_CHOSEN[len(first):], fruit[len(first):]], "ranking": [[0], [1]], "rater": None},
+        {"prompt": HH_PROMPT, "responses": [quoting[len(HH_PROMPT):], " No."], "ranking": [[0], [1]], "rater": None},
+        {"prompt": HH_PROMPT, "responses": [" Blue.", " No."], "ranking": [[0], [1]], "rater": None},
+    ]
+    # every reader that takes HH rows splits them the same way
+    assert load_prompts(path) == [first, HH_PROMPT, HH_PROMPT]
+    assert load_demonstrations(path) == [{"prompt": first, "response": HH_CHOSEN[len(first):]},
+                                         {"prompt": HH_PROMPT, "response": quoting[len(HH_PROMPT):]},
+                                         {"prompt": HH_PROMPT, "response": " Blue."}]
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -298,7 +316,7 @@ def test_skip_bad_lines_sets_zero_and_still_refuses_a_file_of_only_bad_lines(tmp
     good = write_lines(tmp_path / "good.jsonl", [{"prompt": "a"}])
     stats = {}
     load_prompts(good, skip_bad_lines=True, stats=stats)
-    assert stats == {"bad_lines": 0}
+    assert stats == {"bad_lines": 0, "rows": 1}  # rows read, for the stage's closing line
     bad = write_lines(tmp_path / "bad.jsonl", [{"response": "a"}, "oops", {"prompt": 1}])
     stats = {}
     message = refusal(load_demonstrations, bad, skip_bad_lines=True, stats=stats)
@@ -319,11 +337,17 @@ def test_ranking_pairs():
     assert len(ranking_pairs([[i] for i in range(5)])) == 10  # K choose 2
 
 
-def test_split_hh_dialogue():
-    assert split_hh_dialogue(HH_CHOSEN) == (HH_PROMPT, " Blue.")
-    assert split_hh_dialogue("\n\nHuman: x\n\nAssistant:") == ("\n\nHuman: x\n\nAssistant:", "")
-    with pytest.raises(ValueError, match="no '.*Assistant:' turn"):
-        split_hh_dialogue("\n\nHuman: only a question")
+def test_split_hh_pair():
+    assert split_hh_pair(HH_CHOSEN, HH_REJECTED) == (HH_PROMPT, " Blue.", " No.")
+    # responses that start alike: the shared words stay in the responses, the prompt ends at the marker
+    assert split_hh_pair("\n\nHuman: x\n\nAssistant: I do", "\n\nHuman: x\n\nAssistant: I don't") == (
+        "\n\nHuman: x\n\nAssistant:", " I do", " I don't")
+    assert split_hh_pair("\n\nHuman: x\n\nAssistant:", "\n\nHuman: x\n\nAssistant:") == (
+        "\n\nHuman: x\n\nAssistant:", "", "")
+    with pytest.raises(ValueError, match="share no '.*Assistant:' turn"):
+        split_hh_pair("\n\nHuman: only a question", "\n\nHuman: only a question")
+    with pytest.raises(ValueError, match="share no"):  # the marker must lie wholly in the shared part
+        split_hh_pair("\n\nHuman: x\n\nAssistant: a", "\n\nHuman: x\n\nAssist")
 
 
 def test_fit_to_context():
