@@ -266,6 +266,15 @@ def lr_at(step, lr, warmup, total, min_ratio=0.1):
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def done_line(stage, stats, result, saved, device):
+    """The one line a stage ends with, so a user sees at a glance that nothing was lost: the
+    rows read, skipped, cut and dropped, how it ended, what it wrote (and on a GPU the peak memory)."""
+    data = (f"{stats.get('rows', 0)} rows read, {stats.get('bad_lines', 0)} bad lines skipped, "
+            f"{stats.get('truncated', 0)} prompts cut from the left, {stats.get('dropped', 0)} examples dropped")
+    memory = f" | peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB" if device.type == "cuda" else ""
+    return f"{stage} done: {data} | {result} | saved {saved}{memory}"
+
+
 def run_main(main):
     """Run a stage; errors a user can cause (bad data, a wrong checkpoint) end with one sentence."""
     from data.formats import DataError

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import CheckpointError, autocast, load_model, parse_config, run_main
+from common import CheckpointError, autocast, load_model, parse_config, run_main, token_batches
 from data import task
 from data.formats import load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer
@@ -46,7 +46,8 @@ class Config:
     show: int = 5  # print this many prompts with the responses side by side (and keep them in the JSON)
     max_new_tokens: int = 40  # longest response in tokens
     temperature: float = 1.0  # sampling temperature (that of PPO's rollouts)
-    batch_size: int = 200  # prompts per batch
+    batch_size: int = 200  # prompts per generation batch
+    max_tokens: int = 16384  # tokens (sequences x length) per scoring forward: bounds its memory
     seed: int = 1234  # sampling seed (--compare uses seed + 1)
     device: str = ""  # cuda / cpu; default: cuda if available
 
@@ -70,24 +71,25 @@ def rollouts(policy, prompts, cfg, seed, reward_model=None, ref_model=None):
         if reward_model is not None:
             out["rm_score"] += last_token_scores(reward_model, seq, seq_mask).tolist()
         if ref_model is not None:
-            with autocast(device):
-                logits = policy(seq[:, :-1], seq_mask[:, :-1])[:, P - 1:]  # (B, N, V)
-                ref_logits = ref_model(seq[:, :-1], seq_mask[:, :-1])[:, P - 1:]
+            with autocast(device):  # the logits of the response positions only: (B, N, V)
+                logits = policy(seq[:, :-1], seq_mask[:, :-1], start=P - 1)
+                ref_logits = ref_model(seq[:, :-1], seq_mask[:, :-1], start=P - 1)
             kl = kl_full(logits, ref_logits, temperature=cfg.temperature)  # (B, N)
             out["kl"] += (kl * mask).sum(1).tolist()
     return out
 
 
 @torch.no_grad()
-def perplexity(model, demos, batch_size=128):
-    """exp(mean negative log-likelihood per response token) on demonstrations."""
+def perplexity(model, demos, max_tokens):
+    """exp(mean negative log-likelihood per response token) on demonstrations, in batches of at
+    most max_tokens (sequences x length)."""
     enc = get_tokenizer(model.config.tokenizer)
     device = next(model.parameters()).device
     examples = encode_examples(enc, demos, model.config.block_size)
     nll, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        ids, mask, loss_mask = demo_batch(examples[s:s + batch_size], enc.eot_token, device)
-        nll += nll_sum(model, ids, mask, loss_mask).item()
+    for idx in token_batches([len(p) + len(r) for p, r in examples], max_tokens):
+        ids, _, loss_mask = demo_batch([examples[i] for i in idx], enc.eot_token, device)
+        nll += nll_sum(model, ids, loss_mask).item()
         count += loss_mask[:, 1:].sum().item()
     return math.exp(nll / count)
 
@@ -128,7 +130,7 @@ def main():
             m["criteria"] = {k: mean([float(j[k]) for j in judged]) for k in judged[0]}  # rates, and mean words
             samples[path + ":gold"] = r["gold"]
         if demos:
-            m["perplexity"] = perplexity(model, demos)
+            m["perplexity"] = perplexity(model, demos, cfg.max_tokens)
         results["models"][path] = {k: v for k, v in m.items() if v is not None}
         print(f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in results["models"][path].items() if k != "criteria"))
         if "criteria" in m:

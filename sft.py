@@ -6,6 +6,7 @@ the prompt is given, not learned.
     python sft.py                                   # the built-in task, a new ~1M-parameter model
     python sft.py --data demos.jsonl --init gpt2/ --out out/sft
     torchrun --nproc_per_node=2 sft.py              # same global batch, split over processes
+    python sft.py --save_every 100 ...; python sft.py --save_every 100 ... --resume true   # after a crash
 
 Data: JSONL of {prompt, response}; HH-RLHF and TRL prompt/chosen/rejected files work as they
 are (the chosen response is the demonstration).
@@ -16,14 +17,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import Logger, all_reduce_mean, autocast, cleanup, load_model, micro_batches, parse_config, print0, run_main, \
-    save_checkpoint, setup, make_optimizer, lr_at
+from common import Logger, all_reduce_mean, autocast, cleanup, done_line, load_model, lr_at, make_optimizer, micro_batches, \
+    parse_config, print0, resume_checkpoint, rng_states, run_main, save_checkpoint, set_rng_states, setup, token_batches
 from data import task
-from data.formats import load_demonstrations
+from data.formats import DataError, load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer, pad
 from model import GPT, GPTConfig
 
@@ -48,6 +48,8 @@ class Config:
     weight_decay: float = 0.1  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max gradient norm
     eval_every: int = 200  # steps between validation losses
+    save_every: int = 0  # steps between checkpoints that --resume can continue from (0: at the end only)
+    resume: bool = False  # continue from OUT/ckpt.pt (same settings; only --max_steps may change)
     skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
@@ -63,12 +65,13 @@ def demo_batch(examples, eot, device):
     return ids.to(device), mask.to(device), loss_mask.to(device)
 
 
-def nll_sum(model, ids, mask, loss_mask):
-    """Summed negative log-likelihood of the loss-masked tokens (the caller divides by the count)."""
+def nll_sum(model, ids, loss_mask):
+    """Summed negative log-likelihood of the loss-masked tokens (the caller divides by the count).
+    ids are right-padded, so no mask is needed (causal attention keeps real tokens off the pads),
+    and the log-probs come through kernels.token_logprobs: no fp32 (B, T, V) copy of the logits."""
     with autocast(ids.device):
-        logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
-    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    return (nll * loss_mask[:, 1:]).sum()
+        logprobs = model(ids[:, :-1], targets=ids[:, 1:])  # (B, T-1): position t predicts token t+1
+    return -(logprobs * loss_mask[:, 1:]).sum()
 
 
 def main():
@@ -91,6 +94,7 @@ def main():
     if cfg.data == "task":
         train = task.demonstrations("train", cfg.n_demos, seed=cfg.seed)
         val = task.demonstrations("val", 500, seed=cfg.seed + 1)
+        stats["rows"] = len(train) + len(val)
     else:
         train = load_demonstrations(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
         if cfg.val_data:
@@ -103,18 +107,21 @@ def main():
     print0(f"data: {len(train)} train / {len(val)} val demonstrations; "
            f"{stats.get('truncated', 0)} prompts cut from the left, {stats.get('dropped', 0)} dropped (response longer than {block} tokens), "
            f"{stats.get('bad_lines', 0)} bad lines skipped")
-    assert len(train) > 0 and len(val) > 0, "no demonstrations left to train on"
+    if not train or not val:
+        raise DataError(f"{cfg.data}: no demonstrations left to {'train on' if not train else 'validate on'} "
+                        f"after dropping those longer than the {block}-token context")
 
     def batch(examples):
         return demo_batch(examples, enc.eot_token, d.device)
 
     @torch.no_grad()
     def evaluate():
+        # batches of at most a training micro-batch's tokens: validation never needs more memory
         model.eval()
         total, count = 0.0, 0
-        for i in range(0, len(val), 128):
-            ids, mask, loss_mask = batch(val[i:i + 128])
-            total += nll_sum(model, ids, mask, loss_mask).item()
+        for idx in token_batches([len(p) + len(r) for p, r in val], cfg.micro_batch_size * block):
+            ids, _, loss_mask = batch([val[i] for i in idx])
+            total += nll_sum(model, ids, loss_mask).item()
             count += loss_mask[:, 1:].sum().item()
         model.train()
         return total / count
@@ -123,11 +130,25 @@ def main():
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
     ddp_model = DDP(model) if d.ddp else model
     gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
-    order, cursor = torch.randperm(len(train), generator=gen), 0
-    logger = Logger(cfg.out, d.master)
+    order, cursor, start = torch.randperm(len(train), generator=gen), 0, 0
+    ckpt = resume_checkpoint(cfg, "policy", "max_steps", d)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        order, cursor, start = ckpt["resume"]["order"], ckpt["resume"]["cursor"], ckpt["step"]
+        set_rng_states(d, ckpt["resume"]["rng"], gen)
+    logger = Logger(cfg.out, d.master, resume_step=start if ckpt else None)
+
+    def save(step, **extra):
+        rng = rng_states(d, gen)  # every process takes part
+        if d.master:
+            save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="policy", config=cfg, step=step, optimizer=optimizer,
+                            resume={"order": order, "cursor": cursor, "rng": rng}, **extra)
+
     model.train()
     t0, tokens = time.time(), 0
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=None if d.master else True, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="sft", disable=None if d.master else True, dynamic_ncols=True,
+               initial=start, total=cfg.max_steps)
     for step in bar:
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=gen), 0
@@ -145,7 +166,7 @@ def main():
         for k, (ids, mask, loss_mask) in enumerate(chunks):
             if d.ddp:  # synchronise gradients only on the last micro-batch
                 ddp_model.require_backward_grad_sync = k == accum - 1
-            loss = nll_sum(ddp_model, ids, mask, loss_mask) * d.world_size / n_tokens
+            loss = nll_sum(ddp_model, ids, loss_mask) * d.world_size / n_tokens
             loss.backward()
             loss_sum += loss.item()
             tokens += int(mask.sum())
@@ -160,13 +181,13 @@ def main():
         elif d.master:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             logger.log(step, metrics, console=[])  # file only; the bar shows progress
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save(step)
 
-    val_loss = metrics["val_loss"]
-    print0(f"sft done: val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) in {time.time() - t0:.0f}s")
-    if d.master:
-        save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="policy", config=cfg, step=cfg.max_steps,
-                        optimizer=optimizer, val_loss=val_loss)
-        print0(f"saved {cfg.out}/ckpt.pt")
+    val_loss = metrics["val_loss"] if start < cfg.max_steps else all_reduce_mean(evaluate(), d)
+    save(cfg.max_steps, val_loss=val_loss)
+    print0(done_line("sft", stats, f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) in {time.time() - t0:.0f}s",
+                     f"{cfg.out}/ckpt.pt", d.device))
     cleanup(d)
 
 
