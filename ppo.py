@@ -38,6 +38,7 @@ from sample import decode, encode_prompts, generate
 class Config:
     data: str = "task"  # prompts JSONL (.gz too), or "task" for the built-in task's train prompts
     init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the policy starts here and stays the frozen reference
+    ref: str = ""  # the frozen reference for the KL penalty; default: --init (a later round starts --init from its last policy and keeps SFT here)
     reward: str = "out/reward/ckpt.pt"  # reward model checkpoint; the value model starts from it
     out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl
     updates: int = 120  # rollout + optimisation rounds
@@ -139,7 +140,7 @@ def main():
     # The frozen ones are kept in bf16 on a GPU (fp32 on CPU): autocast would cast them every forward.
     frozen = compute_dtype(d.device)
     policy = load_model(cfg.init, kind="policy", device=d.device)
-    ref_policy = load_model(cfg.init, kind="policy", device=d.device).to(frozen).eval().requires_grad_(False)
+    ref_policy = load_model(cfg.ref or cfg.init, kind="policy", device=d.device).to(frozen).eval().requires_grad_(False)
     reward_model = load_model(cfg.reward, kind="reward", device=d.device).to(frozen).eval().requires_grad_(False)
     value_model = load_model(cfg.reward, kind="reward", device=d.device)
     if reward_model.config.tokenizer != policy.config.tokenizer:
