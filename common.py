@@ -115,6 +115,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used where it was given; the message says why."""
 
 
+class ConfigError(ValueError):
+    """Settings that cannot work together; the message says why in one sentence."""
+
+
 def save_checkpoint(path, model, *, kind, config, step, optimizer=None, **extra):
     """Write OUT/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint.
     kind: 'policy' or 'reward' (the value model is saved beside the policy, as 'value')."""
@@ -137,7 +141,10 @@ def load_checkpoint(path, kind=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        # torch's own message would advise weights_only=False: wrong for a damaged file, and unsafe
+        # (it runs whatever code the file holds), so it is not passed on
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); the file is damaged, "
+                              f"cut short, or was not written by one of these stages") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path}: not a minRLHF checkpoint")
     if kind is not None and ckpt.get("kind") not in (kind if isinstance(kind, tuple) else (kind,)):
@@ -199,15 +206,15 @@ def set_rng_states(d, states, *generators):
         g.set_state(state)
 
 
-def resume_checkpoint(cfg, kind, step_field, d):
-    """With --resume true, the stage's last checkpoint OUT/ckpt.pt, or None when there is none
-    yet (the run starts at the beginning). The checkpoint must come from the same settings:
-    anything but the step count (`step_field`) that differs is refused, naming the field."""
+def resume_checkpoint(cfg, kind, step_field, d, path=None):
+    """With --resume true, the stage's last checkpoint (path, default OUT/ckpt.pt), or None when
+    there is none yet (the run starts at the beginning). The checkpoint must come from the same
+    settings: anything but the step count (`step_field`) that differs is refused, naming the field."""
     if not cfg.resume:
         return None
-    path = os.path.join(cfg.out, "ckpt.pt")
+    path = path or os.path.join(cfg.out, "ckpt.pt")
     if not os.path.exists(path):
-        print0(f"resume: no checkpoint in {cfg.out} yet, starting from the beginning")
+        print0(f"resume: no checkpoint {path} yet, starting from the beginning")
         return None
     ckpt = load_checkpoint(path, kind)
     if "resume" not in ckpt:
@@ -280,7 +287,7 @@ def run_main(main):
     from data.formats import DataError
     try:
         main()
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -297,14 +304,7 @@ class Logger:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
         if master:
-            os.makedirs(out_dir, exist_ok=True)
-            rows = []
-            if resume_step is not None and os.path.exists(self.path):
-                with open(self.path) as f:
-                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.path + ".tmp", self.path)
+            keep_rows(self.path, resume_step)
 
     def log(self, step, metrics, console=None, bar=None):
         """console: the keys to print (default: all); bar: a tqdm bar to write through."""
@@ -321,6 +321,19 @@ class Logger:
             bar.write(line)  # above the progress bar, not through it
         else:
             print(line, flush=True)
+
+
+def keep_rows(path, step):
+    """Start a JSONL log of steps: a resumed run keeps its rows up to `step` and appends after
+    them, so no step is there twice; a new run (step None) starts it empty."""
+    rows = []
+    if step is not None and os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
 def _fmt(v):

@@ -6,15 +6,32 @@ follow "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024).
 Each update: 1. sample prompts; 2. generate responses; 3. score them with the reward model and
 run the policy, the reference and the value model over the finished rollout; 4. per-token
 rewards = -beta * KL_t, plus the score on the last token; 5. GAE advantages, whitened;
-6. several epochs of clipped policy and value losses over minibatches; 7. adapt beta.
+6. several epochs of clipped policy and value losses over minibatches; 7. adapt beta;
+8. every --eval_every updates, watch held-out prompts.
 
     python ppo.py                            # built-in task: out/sft policy, out/reward reward model
     python ppo.py --init out/sft/ckpt.pt --reward out/reward/ckpt.pt --data prompts.jsonl --out out/ppo
+    python ppo.py --reward_fn judges/question.py:score --data prompts.jsonl   # a judge function, no reward model
+    python ppo.py --reward out/reward3 --uncertainty_coef 1 --keep_best true    # an ensemble, conservative
     torchrun --nproc_per_node=2 ppo.py
 
 Data: prompts JSONL ({prompt}; any file with a prompt field, HH-RLHF too), or "task".
+
+The score: a reward model (--reward), or an ensemble of them (reward.py --ensemble K), whose
+score is their mean minus --uncertainty_coef times their spread (Coste et al. 2023); and/or a
+judge function (--reward_fn FILE.py:fn, weighted by --reward_fn_weight; without a reward model
+the value model starts from the policy's trunk with a new head).
+
+Over-optimisation shows on prompts PPO never trains on: every --eval_every updates the policy
+answers --eval_prompts (default: --eval_n prompts held out of --data) and their reward-model
+score, ensemble spread, KL to the reference, length (and judge or gold score) are logged as
+eval/*. --keep_best true keeps the checkpoint with the best held-out score in OUT/best.pt, and
+--max_kl stops a run that drifts too far.
 """
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,14 +40,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, compute_dtype, load_model, \
-    make_optimizer, parse_config, print0, run_main, save_checkpoint, setup
+from common import CheckpointError, ConfigError, Logger, all_reduce_mean, autocast, cleanup, compute_dtype, done_line, \
+    keep_rows, load_model, make_optimizer, parse_config, print0, resume_checkpoint, rng_states, run_main, \
+    save_checkpoint, set_rng_states, setup
 from data import task
 from data.formats import DataError, load_prompts
 from data.tokenizer import get_tokenizer
-from kernels import ppo_advantages
+from kernels import kl_full, ppo_advantages
 from model import Sampler
-from reward import last_token_scores
+from reward import conservative_score, ensemble_scores, load_ensemble
 from sample import decode, encode_prompts, generate
 
 
@@ -39,8 +57,11 @@ class Config:
     data: str = "task"  # prompts JSONL (.gz too), or "task" for the built-in task's train prompts
     init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the policy starts here and stays the frozen reference
     ref: str = ""  # the frozen reference for the KL penalty; default: --init (a later round starts --init from its last policy and keeps SFT here)
-    reward: str = "out/reward/ckpt.pt"  # reward model checkpoint; the value model starts from it
-    out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl
+    reward: str = ""  # reward model checkpoint (an ensemble's ckpt.pt loads every member); default out/reward/ckpt.pt, none with --reward_fn alone
+    reward_fn: str = ""  # a judge FILE.py:fn(prompts, responses) -> [float] that scores responses, instead of or beside --reward
+    reward_fn_weight: float = 1.0  # weight of --reward_fn's score when it is added to a reward model's
+    uncertainty_coef: float = 0.0  # with an ensemble: score = mean - coef * std over the members (0: the plain mean)
+    out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl, samples.jsonl, best.pt
     updates: int = 120  # rollout + optimisation rounds
     batch_size: int = 64  # prompts per rollout, over all processes
     mini_batch_size: int = 16  # sequences per PPO gradient step, over all processes
@@ -62,7 +83,15 @@ class Config:
     cliprange_value: float = 0.2  # value prediction clip
     vf_coef: float = 0.1  # weight of the value loss
     grad_clip: float = 1.0  # max gradient norm
-    save_every: int = 0  # updates between checkpoints (0: at the end only)
+    eval_every: int = 10  # updates between looks at held-out prompts (0: never)
+    eval_prompts: str = ""  # held-out prompts JSONL to watch; default: --eval_n prompts of --data, never trained on
+    eval_n: int = 64  # how many held-out prompts (held out of --data: at most a tenth of it)
+    judge: str = ""  # a judge FILE.py:fn scored on held-out prompts (monitoring only; never trained on)
+    keep_best: bool = False  # keep the policy with the best held-out score in OUT/best.pt: the judge's, else the ensemble's conservative score (a single reward model's own score is what over-optimisation inflates, so it is refused)
+    max_kl: float = 0.0  # stop when the held-out KL per response passes this (nats; 0: never)
+    log_samples_every: int = 10  # updates between a few logged samples in OUT/samples.jsonl (0: never)
+    save_every: int = 0  # updates between checkpoints that --resume can continue from (0: at the end only)
+    resume: bool = False  # continue from OUT/ckpt.pt (same settings; only --updates may change)
     skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
@@ -111,6 +140,9 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
 
 # ----------------------------------------------------------------------------- forward passes
 
+
+# ----------------------------------------------------------------------------- forward passes
+
 def response_logprobs(policy, seq, mask, P, temperature, return_entropy=False):
     """Log-probs (B, N) of the response tokens seq[:, P:] under the policy at `temperature`.
     Position t predicts token t + 1, so positions P - 1 .. T - 2 predict the response; only they
@@ -126,7 +158,48 @@ def response_values(value_model, seq, mask, P):
         return value_model(seq[:, :-1], mask[:, :-1], start=P - 1).float()
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- scoring and watching
+
+def held_out_split(prompts, n):
+    """(train, held-out) prompts: the n whose text hashes lowest are held out, whatever the file's
+    order or the seed; a prompt held out is never trained on, also where the file repeats it."""
+    held = set(sorted(set(prompts), key=lambda p: hashlib.md5(p.encode()).hexdigest())[:n])
+    return [p for p in prompts if p not in held], [p for p in prompts if p in held]
+
+
+def load_judge_fn(spec):
+    from rate import judge_scores, load_judge  # the judge machinery, only when a judge is named
+    judge = load_judge(spec)
+    return lambda prompts, responses: judge_scores(judge, spec, prompts, responses)
+
+
+@torch.no_grad()
+def rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk):
+    """The score (B,) that PPO maximises, and its parts for logging: the reward models'
+    conservative score (over an ensemble: mean - uncertainty_coef * std; one model: its score),
+    plus reward_fn_weight times the judge's score. The reward models run a chunk at a time."""
+    score, parts = torch.zeros(len(texts), device=seq.device), {}
+    if reward_models:
+        scores = torch.cat([ensemble_scores(reward_models, seq[s:s + chunk], seq_mask[s:s + chunk])
+                            for s in range(0, len(texts), chunk)], 1)  # (K, B)
+        score, spread = conservative_score(scores, cfg.uncertainty_coef)
+        parts["rm_score"] = scores.mean(0)
+        if len(reward_models) > 1:
+            parts["rm_spread"] = spread
+    if reward_fn is not None:
+        judged = torch.tensor(reward_fn(prompts, texts), device=seq.device, dtype=torch.float32)
+        score = score + cfg.reward_fn_weight * judged
+        parts["reward_fn"] = judged
+    return score, parts
+
+
+def sum_over_processes(sums, count, d):
+    """{name: per-process sum} and a per-process count -> {name: mean over every process's items}."""
+    t = torch.tensor([*sums.values(), count], dtype=torch.float64, device=d.device)
+    if d.ddp:
+        dist.all_reduce(t)
+    return {k: (v / t[-1]).item() for k, v in zip(sums, t)}
+
 
 def main():
     cfg = parse_config(Config)
@@ -135,22 +208,35 @@ def main():
     assert cfg.batch_size % cfg.mini_batch_size == 0, "batch_size must be a multiple of mini_batch_size"
     assert cfg.kl_estimator in ("k1", "k2", "k3"), f"unknown kl_estimator {cfg.kl_estimator!r}"
     local_batch, local_mini = cfg.batch_size // d.world_size, cfg.mini_batch_size // d.world_size
+    cfg.reward = cfg.reward or ("" if cfg.reward_fn else "out/reward/ckpt.pt")
 
-    # ---- models: policy and frozen reference from SFT; value model and frozen reward model from the RM.
+    # ---- models: policy and frozen reference from SFT; frozen reward model(s) and the value model.
     # The frozen ones are kept in bf16 on a GPU (fp32 on CPU): autocast would cast them every forward.
     frozen = compute_dtype(d.device)
     policy = load_model(cfg.init, kind="policy", device=d.device)
     ref_policy = load_model(cfg.ref or cfg.init, kind="policy", device=d.device).to(frozen).eval().requires_grad_(False)
-    reward_model = load_model(cfg.reward, kind="reward", device=d.device).to(frozen).eval().requires_grad_(False)
-    value_model = load_model(cfg.reward, kind="reward", device=d.device)
-    if reward_model.config.tokenizer != policy.config.tokenizer:
-        raise CheckpointError(f"{cfg.reward}: reward model uses tokenizer {reward_model.config.tokenizer!r} "
-                              f"but the policy {cfg.init} uses {policy.config.tokenizer!r}")
+    reward_models = [m.eval().requires_grad_(False) for m in load_ensemble(cfg.reward, d.device, frozen)] if cfg.reward else []
+    reward_fn = load_judge_fn(cfg.reward_fn) if cfg.reward_fn else None
+    watch_judge = load_judge_fn(cfg.judge) if cfg.judge else None
+    if reward_models:  # the value model starts from the reward model (N+ details)
+        value_model = load_model(cfg.reward, kind="reward", device=d.device)
+    else:  # a judge alone: the policy's trunk with a new scalar head
+        value_model = load_model(cfg.init, kind="policy", head="scalar", device=d.device)
+    for other, path in [(m, cfg.reward) for m in reward_models[:1]] + [(ref_policy, cfg.ref or cfg.init)]:
+        if other.config.tokenizer != policy.config.tokenizer:
+            raise CheckpointError(f"{path}: {'reward model' if other is not ref_policy else 'reference'} uses tokenizer "
+                                  f"{other.config.tokenizer!r} but the policy {cfg.init} uses {policy.config.tokenizer!r}")
+    if cfg.keep_best and not (cfg.judge or len(reward_models) > 1 or not reward_models):
+        raise ConfigError("--keep_best true needs a judge (--judge FILE.py:fn) or a reward-model ensemble (reward.py "
+                          "--ensemble K): a single reward model's own score is the very number over-optimisation "
+                          "inflates, so it cannot pick the best checkpoint")
+    best_key = "eval/judge" if cfg.judge else "eval/score"  # the score that picks OUT/best.pt
     enc = get_tokenizer(policy.config.tokenizer)
     eos = enc.eot_token
     # No dropout anywhere (N+ details): the rollout's log-probs and the first training forward agree.
     assert policy.config.dropout == 0 and value_model.config.dropout == 0, "PPO needs dropout 0"
     print0(f"policy {policy.num_params() / 1e6:.2f}M, value {value_model.num_params() / 1e6:.2f}M parameters; "
+           f"{len(reward_models)} reward model(s){', judge ' + cfg.reward_fn if cfg.reward_fn else ''}; "
            f"device {d.device}, {d.world_size} process(es)")
     optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, 0.0, d.device, betas=(0.9, 0.999))
     ddp_policy = DDP(policy) if d.ddp else policy
@@ -158,28 +244,71 @@ def main():
     # the policy's rollout copy: bf16 on GPU, refreshed once per rollout; its decode step a CUDA graph
     sampler = Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph)
 
-    # ---- prompts
+    # ---- prompts, and the held-out ones PPO watches but never trains on
     stats = {}
     if cfg.data == "task":
         prompts = task.prompts("train")
+        stats["rows"] = len(prompts)
     else:
         prompts = load_prompts(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    eval_prompts = []
+    if cfg.eval_every:
+        if cfg.eval_prompts:
+            eval_prompts = load_prompts(cfg.eval_prompts, skip_bad_lines=cfg.skip_bad_lines)[:cfg.eval_n]
+        else:  # at most a tenth of the file, so a small file still has prompts to train on
+            prompts, eval_prompts = held_out_split(prompts, min(cfg.eval_n, len(prompts) // 10))
     if len(prompts) < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {len(prompts)} prompts, fewer than one rollout of --batch_size {cfg.batch_size}")
+        raise DataError(f"{cfg.data}: {len(prompts)} prompts{' left after holding out ' + str(len(eval_prompts)) if eval_prompts and not cfg.eval_prompts else ''}, "
+                        f"fewer than one rollout of --batch_size {cfg.batch_size}")
     max_prompt = policy.config.block_size - cfg.max_new_tokens
     prompt_ids = encode_prompts(enc, prompts, max_prompt, stats)
+    eval_ids = encode_prompts(enc, eval_prompts, max_prompt)
     on_task = all(task.is_task_prompt(p) for p in prompts[:100])
     print0(f"data: {len(prompts)} prompts, {stats['truncated']} cut from the left to {max_prompt} tokens, "
-           f"{stats.get('bad_lines', 0)} bad lines skipped"
+           f"{stats.get('bad_lines', 0)} bad lines skipped; {len(eval_prompts)} held-out prompts watched"
            + (" (built-in task: the gold score is logged, never trained on)" if on_task else ""))
 
     gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
     sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)  # each process its own samples
-    order, cursor = torch.randperm(len(prompts), generator=gen), 0
-    beta = cfg.kl_coef
-    logger = Logger(cfg.out, d.master)
-    t_start = time.time()
-    bar = tqdm(range(1, cfg.updates + 1), desc="ppo", disable=None if d.master else True, dynamic_ncols=True)
+    order, cursor, beta, start, best = torch.randperm(len(prompts), generator=gen), 0, cfg.kl_coef, 0, None
+    ckpt = resume_checkpoint(cfg, "policy", "updates", d)
+    if ckpt is not None:
+        r = ckpt["resume"]
+        policy.load_state_dict(ckpt["model"])
+        value_model.load_state_dict(r["value"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        order, cursor, beta, start, best = r["order"], r["cursor"], ckpt["beta"], ckpt["step"], r["best"]
+        set_rng_states(d, r["rng"], gen, sample_gen)
+    logger = Logger(cfg.out, d.master, resume_step=start if ckpt else None)
+    samples_path = os.path.join(cfg.out, "samples.jsonl")
+    if d.master:
+        keep_rows(samples_path, start if ckpt else None)  # like metrics.jsonl: no step twice
+
+    def save(update):
+        rng = rng_states(d, gen, sample_gen)  # every process takes part
+        if d.master:
+            state = {"order": order, "cursor": cursor, "best": best, "rng": rng, "value": value_model.state_dict()}
+            save_checkpoint(f"{cfg.out}/ckpt.pt", policy, kind="policy", config=cfg, step=update, optimizer=optimizer,
+                            beta=beta, resume=state)
+            save_checkpoint(f"{cfg.out}/value.pt", value_model, kind="value", config=cfg, step=update)
+
+    def look(update):
+        """8. the held-out prompts: log eval/*, keep the best policy; True when KL passed --max_kl."""
+        nonlocal best
+        metrics = watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts,
+                        eval_ids, enc, on_task, local_mini)
+        logger.log(update, metrics, bar=bar)
+        if best is None or metrics[best_key] > best[0]:
+            best = (metrics[best_key], update)
+            if cfg.keep_best and d.master:
+                save_checkpoint(f"{cfg.out}/best.pt", policy, kind="policy", config=cfg, step=update, **metrics)
+        return cfg.max_kl and metrics["eval/kl"] > cfg.max_kl
+
+    t_start, stop = time.time(), None
+    bar = tqdm(range(start + 1, cfg.updates + 1), desc="ppo", disable=None if d.master else True, dynamic_ncols=True,
+               initial=start, total=cfg.updates)
+    if eval_prompts and start == 0:
+        look(0)  # the SFT policy itself: the baseline, and the best until something beats it
     for update in bar:
         # ---- 1. prompts for this rollout: the global batch, this process's share of it
         if cursor + cfg.batch_size > len(order):
@@ -197,23 +326,24 @@ def main():
         mask = response_mask(response, eos).float()  # (B, N)
         seq = torch.cat([query, response], 1)  # (B, P + N)
         seq_mask = torch.cat([query_mask, mask.long()], 1)
+        texts = [decode(enc, r) for r in response.tolist()]
         t_gen = time.time() - t0
 
         # ---- 3. score the finished rollout: no dropout, no gradient, in minibatch-sized chunks,
         # exactly as the first training minibatch will see it (so its ratio is exactly 1)
         t0 = time.time()
         with torch.no_grad():
-            old_logprobs, ref_logprobs, old_values, scores = [], [], [], []
+            old_logprobs, ref_logprobs, old_values = [], [], []
             for s in range(0, local_batch, local_mini):
                 c = slice(s, s + local_mini)
                 old_logprobs.append(response_logprobs(policy, seq[c], seq_mask[c], P, cfg.temperature))
                 ref_logprobs.append(response_logprobs(ref_policy, seq[c], seq_mask[c], P, cfg.temperature))
                 old_values.append(response_values(value_model, seq[c], seq_mask[c], P))
-                scores.append(last_token_scores(reward_model, seq[c], seq_mask[c]))
-            old_logprobs, ref_logprobs, old_values, scores = (torch.cat(x) for x in (old_logprobs, ref_logprobs, old_values, scores))
+            old_logprobs, ref_logprobs, old_values = (torch.cat(x) for x in (old_logprobs, ref_logprobs, old_values))
+            raw_scores, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, [prompts[i] for i in batch_idx],
+                                              texts, local_mini)
             ended = (response == eos).any(1)
-            raw_scores = scores
-            scores = scores - cfg.missing_eos_penalty * (~ended).float()  # N+ details: punish rambling on
+            scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()  # N+ details: punish rambling on
 
             # ---- 4 + 5. KL-shaped rewards and GAE in one fused op, then whitened advantages
             advantages, returns, kl = ppo_advantages(scores, old_logprobs, ref_logprobs, old_values, mask, kl_coef=beta,
@@ -260,13 +390,14 @@ def main():
         var_residual = masked_mean((returns - old_values - masked_mean(returns - old_values, mask)) ** 2, mask)
         metrics = {"objective/score": raw_scores.mean().item(), "objective/kl": mean_kl,
                    "objective/rlhf_reward": (scores - beta * kl_per_response).mean().item(),
+                   **{f"objective/{k}": v.mean().item() for k, v in parts.items()},
                    **{k: torch.stack([s[k] for s in step_stats]).mean().item() for k in step_stats[0]},
                    "val/explained_var": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
                    "rollout/resp_len": mask.sum(1).mean().item(), "rollout/eos_rate": ended.float().mean().item(),
                    "beta": beta}
-        if on_task:  # monitoring only: PPO never sees the gold score
-            texts = [decode(enc, r) for r in response.tolist()]
-            metrics["gold"] = sum(task.gold_score(prompts[i], t) for i, t in zip(batch_idx, texts)) / len(texts)
+        gold = [task.gold_score(prompts[i], t) for i, t in zip(batch_idx, texts)] if on_task else None
+        if gold:  # monitoring only: PPO never sees the gold score
+            metrics["gold"] = sum(gold) / len(gold)
         metrics = {k: all_reduce_mean(v, d) if k != "beta" else v for k, v in metrics.items()}
         seconds = t_gen + t_score + t_train
         metrics.update({"tok/s": round(float(seq_mask.sum()) * d.world_size / seconds), "time/generation": t_gen,
@@ -275,19 +406,66 @@ def main():
             metrics["ppo/first_ratio_error"] = first_ratio_error  # max |ratio - 1|, on the first minibatch
         console = ["objective/score", "objective/kl", "gold", "objective/entropy", "ppo/clipfrac", "rollout/resp_len", "beta", "tok/s"]
         logger.log(update, metrics, console=console, bar=bar)
-        if d.master and cfg.save_every and update % cfg.save_every == 0:
-            save(cfg, policy, value_model, optimizer, update, beta)
+        if d.master and cfg.log_samples_every and update % cfg.log_samples_every == 0:
+            rows = [{"step": update, "prompt": prompts[i], "response": texts[j], "score": raw_scores[j].item(),
+                     "kl": kl_per_response[j].item(), **({"gold": gold[j]} if gold else {})}
+                    for j, i in enumerate(batch_idx[:4])]
+            with open(samples_path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            bar.write(f"sample | {rows[0]['prompt'][-60:]!r} -> {rows[0]['response'][:100]!r} | score {rows[0]['score']:.3f}"
+                      f" | kl {rows[0]['kl']:.2f}" + (f" | gold {rows[0]['gold']:.2f}" if gold else ""))
 
-    print0(f"ppo done: {cfg.updates} updates in {time.time() - t_start:.0f}s")
-    if d.master:
-        save(cfg, policy, value_model, optimizer, cfg.updates, beta)
-        print0(f"saved {cfg.out}/ckpt.pt (policy) and {cfg.out}/value.pt")
+        # ---- 8. the held-out prompts: over-optimisation shows here first
+        if eval_prompts and update % cfg.eval_every == 0 and look(update):
+            where = (f"the best checkpoint so far is {cfg.out}/best.pt (update {best[1]}, {best_key} {best[0]:.3f})"
+                     if cfg.keep_best else f"the last checkpoint is {cfg.out}/ckpt.pt (update {update})")
+            stop = f"stopped at update {update}: the held-out KL per response passed --max_kl {cfg.max_kl}; {where}"
+            print0(stop)
+            save(update)
+            break
+        if cfg.save_every and update % cfg.save_every == 0 and update < cfg.updates:
+            save(update)
+
+    if stop is None:
+        save(cfg.updates)
+    result = stop or f"{cfg.updates} updates in {time.time() - t_start:.0f}s"
+    if cfg.keep_best and best is not None:
+        result += f" | best held-out {best_key} {best[0]:.3f} at update {best[1]}: {cfg.out}/best.pt"
+    print0(done_line("ppo", stats, result, f"{cfg.out}/ckpt.pt (policy) and {cfg.out}/value.pt", d.device))
     cleanup(d)
 
 
-def save(cfg, policy, value_model, optimizer, update, beta):
-    save_checkpoint(f"{cfg.out}/ckpt.pt", policy, kind="policy", config=cfg, step=update, optimizer=optimizer, beta=beta)
-    save_checkpoint(f"{cfg.out}/value.pt", value_model, kind="value", config=cfg, step=update)
+@torch.no_grad()
+def watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts, eval_ids, enc,
+          on_task, chunk):
+    """eval/* metrics of the policy on the held-out prompts, each process answering its share:
+    the score PPO optimises (and its parts), the exact KL to the reference per response (over the
+    whole vocabulary, kernels.kl_full), the response length, and the judge's or gold score. The
+    samples are drawn with the same seed every time, so a curve shows the policy, not the noise."""
+    sampler.load(policy)
+    generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.rank)
+    mine = list(range(d.rank, len(eval_ids), d.world_size))
+    query, query_mask, response = generate(policy, [eval_ids[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, generator=generator, sampler=sampler)
+    P = query.size(1)
+    mask = response_mask(response, enc.eot_token).float()
+    seq, seq_mask = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
+    prompts, texts = [eval_prompts[i] for i in mine], [decode(enc, r) for r in response.tolist()]
+    kl = []
+    for s in range(0, len(mine), chunk):
+        c = slice(s, s + chunk)
+        with autocast(seq.device):
+            logits = policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)  # (b, N, V)
+            ref_logits = ref_policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)
+        kl.append((kl_full(logits, ref_logits, temperature=cfg.temperature) * mask[c]).sum(1))
+    score, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk)
+    sums = {"eval/score": score.sum(), **{f"eval/{k}": v.sum() for k, v in parts.items()},
+            "eval/kl": torch.cat(kl).sum(), "eval/resp_len": mask.sum()}
+    if watch_judge is not None:
+        sums["eval/judge"] = sum(watch_judge(prompts, texts))
+    if on_task:
+        sums["eval/gold"] = sum(task.gold_score(p, t) for p, t in zip(prompts, texts))
+    return sum_over_processes(sums, len(mine), d)
 
 
 if __name__ == "__main__":

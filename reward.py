@@ -12,7 +12,15 @@ N+ implementation details). The loss cannot see such a shift, so accuracy is unc
 
     python reward.py                                    # built-in task: SFT samples ranked by the simulated raters
     python reward.py --data rankings.jsonl --init out/sft/ckpt.pt --out out/reward
+    python reward.py --ensemble 3 --out out/reward3        # three members: out/reward3/ckpt.pt, member1/, member2/
     torchrun --nproc_per_node=2 reward.py
+
+An ensemble (--ensemble K) is K reward models trained from the same SFT trunk, each with its own
+seed for the head and the data order (and with --bootstrap its own resample of the rankings).
+Member 0 is OUT/ckpt.pt, exactly what a single run writes; member k is OUT/member{k}/ckpt.pt, and
+OUT/ckpt.pt records K, so one --reward path loads them all (load_ensemble). PPO then optimises the
+conservative score mean - c * std over the members (Coste et al. 2023, "Reward Model Ensembles
+Help Mitigate Overoptimization").
 
 Data: rankings JSONL {prompt, responses, ranking, rater?}; preference pairs {prompt, chosen,
 rejected} and HH-RLHF {chosen, rejected} files work as they are.
@@ -20,6 +28,7 @@ rejected} and HH-RLHF {chosen, rejected} files work as they are.
 
 import hashlib
 import itertools
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,10 +38,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, load_model, lr_at, make_optimizer, micro_batches, parse_config, \
-    print0, run_main, save_checkpoint, setup
+from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, done_line, load_checkpoint, load_model, lr_at, \
+    make_optimizer, micro_batches, parse_config, print0, resume_checkpoint, rng_states, run_main, save_checkpoint, \
+    set_rng_states, setup, token_batches
 from data import task
-from data.formats import load_rankings, ranking_pairs
+from data.formats import DataError, load_rankings, ranking_pairs
 from data.tokenizer import encode_examples, get_tokenizer, pad
 from sample import sample_responses
 
@@ -55,6 +65,10 @@ class Config:
     eval_every: int = 50  # steps between validations
     normalize: bool = True  # after training, shift the head's bias so SFT samples score 0 on average
     normalize_prompts: int = 256  # training prompts whose SFT samples set that mean
+    ensemble: int = 1  # train this many reward models from the same trunk, each with its own seed (head, data order); PPO scores with all
+    bootstrap: bool = False  # with --ensemble: each member trains on its own bootstrap resample of the rankings
+    save_every: int = 0  # steps between checkpoints that --resume can continue from (0: at the end only)
+    resume: bool = False  # continue from the last checkpoint in --out (same settings; only --epochs may change)
     skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
@@ -78,19 +92,55 @@ def encode_rankings(enc, rows, block_size, stats):
     return out
 
 
-def last_token_scores(model, ids, mask):
+def last_token_scores(model, ids, mask, left_padded=True):
     """The scalar head on each sequence's last real token (the EOS of a finished response), for
-    left- or right-padded (B, T) ids and mask. Returns (B,) fp32."""
+    (B, T) ids and mask. A right-padded batch (left_padded=False) runs without the mask: causal
+    attention alone keeps real tokens off the pads after them. Returns (B,) fp32."""
     with autocast(ids.device):
-        values = model(ids, mask).float()  # (B, T)
+        values = model(ids, mask if left_padded else None).float()  # (B, T)
     last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # column of the last 1 in each row
     return values[torch.arange(ids.size(0), device=ids.device), last]
 
 
-def score_sequences(model, seqs, eot, device):
-    """Reward of each token-id list, as last_token_scores. Returns (N,) fp32."""
-    ids, mask = pad(seqs, eot)  # right-padded (N, T)
-    return last_token_scores(model, ids.to(device), mask.to(device))
+def score_sequences(model, seqs, eot, device, max_tokens=None):
+    """Reward of each token-id list, as last_token_scores, right-padded in batches of at most
+    max_tokens (sequences x length; None: one batch). Returns (N,) fp32."""
+    scores = []
+    for idx in token_batches([len(s) for s in seqs], max_tokens or float("inf")):
+        ids, mask = pad([seqs[i] for i in idx], eot)  # right-padded (n, T)
+        scores.append(last_token_scores(model, ids.to(device), mask.to(device), left_padded=False))
+    return torch.cat(scores)
+
+
+def member_dir(out, k):
+    """Where ensemble member k lives: member 0 is the directory itself."""
+    return out if k == 0 else os.path.join(out, f"member{k}")
+
+
+def load_ensemble(path, device="cpu", dtype=None):
+    """Every reward model that one --reward path names: [model] for a single reward model (or a
+    GPT-2 directory with a score head), the K members for an ensemble's ckpt.pt."""
+    first = load_model(path, kind="reward", device=device)
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    k = load_checkpoint(file, kind="reward").get("ensemble", 1) if os.path.isfile(file) else 1
+    out = os.path.dirname(file)
+    members = [first] + [load_model(os.path.join(member_dir(out, i), "ckpt.pt"), kind="reward", device=device)
+                         for i in range(1, k)]
+    return [m.to(dtype) if dtype is not None else m for m in members]
+
+
+def ensemble_scores(models, ids, mask):
+    """(K, B) scores of K reward models on the same (B, T) left-padded batch: one forward per
+    member; their trunks share nothing."""
+    return torch.stack([last_token_scores(m, ids, mask) for m in models])
+
+
+def conservative_score(scores, uncertainty_coef):
+    """Mean over the members minus uncertainty_coef times their standard deviation (over the K
+    members, dividing by K): the uncertainty-penalised reward of Coste et al. 2023. scores (K, B)
+    -> (score, spread) each (B,); one member has spread 0 and scores as itself."""
+    spread = scores.std(0, unbiased=False)
+    return scores.mean(0) - uncertainty_coef * spread, spread
 
 
 def ranking_loss(rewards, batch):
@@ -128,27 +178,24 @@ def rater_agreement(rows):
 
 
 @torch.no_grad()
-def validate(model, val, eot, device, batch_size=64):
+def validate(model, val, eot, device, max_tokens=None):
     """Accuracy and mean margin on held-out pairs; for the built-in task also the accuracy
-    against the gold ordering (every pair of responses whose gold scores differ)."""
+    against the gold ordering (every pair of responses whose gold scores differ). Scores in
+    batches of at most max_tokens."""
     model.eval()
-    margins, gold_right, gold_total = [], 0, 0
-    for i in range(0, len(val), batch_size):
-        batch = val[i:i + batch_size]
-        rewards = score_sequences(model, [s for seqs, _, _ in batch for s in seqs], eot, device)
-        margins.append(ranking_loss(rewards, batch)[1])
-        start = 0
-        for seqs, _, row in batch:
-            r, start = rewards[start:start + len(seqs)].tolist(), start + len(seqs)
-            if not task.is_task_prompt(row["prompt"]):
-                continue
-            gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
-            for a, b in itertools.combinations(range(len(gold)), 2):
-                if gold[a] != gold[b]:
-                    gold_total += 1
-                    gold_right += (gold[a] > gold[b]) == (r[a] > r[b])
+    rewards = score_sequences(model, [s for seqs, _, _ in val for s in seqs], eot, device, max_tokens)
+    margins = ranking_loss(rewards, val)[1]
+    gold_right, gold_total, start = 0, 0, 0
+    for seqs, _, row in val:
+        r, start = rewards[start:start + len(seqs)].tolist(), start + len(seqs)
+        if not task.is_task_prompt(row["prompt"]):
+            continue
+        gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
+        for a, b in itertools.combinations(range(len(gold)), 2):
+            if gold[a] != gold[b]:
+                gold_total += 1
+                gold_right += (gold[a] > gold[b]) == (r[a] > r[b])
     model.train()
-    margins = torch.cat(margins)
     metrics = {"val/accuracy": (margins > 0).float().mean().item(), "val/margin": margins.mean().item()}
     if gold_total:
         metrics["val/gold_accuracy"] = gold_right / gold_total
@@ -165,25 +212,31 @@ def validate(model, val, eot, device, batch_size=64):
     return metrics
 
 
-@torch.no_grad()
-def normalize_reward(model, policy, prompts, device, seed=0, batch_size=64):
-    """Subtract from the head's bias the mean score of the policy's samples (one per prompt),
-    so they score 0 on average. Returns that mean before and after."""
-    enc = get_tokenizer(model.config.tokenizer)
-    responses = sample_responses(policy, prompts, k=1, seed=seed)  # PPO's defaults: 40 tokens, T = 1
+def sft_samples(policy, prompts, seed=0):
+    """One sample per prompt from the SFT policy, as token ids of prompt + response + EOS: what
+    normalisation sets to score 0 on average (PPO's defaults: 40 new tokens, temperature 1)."""
+    enc = get_tokenizer(policy.config.tokenizer)
+    responses = sample_responses(policy, prompts, k=1, seed=seed)
     examples = [{"prompt": p, "response": r[0]} for p, r in zip(prompts, responses)]
-    seqs = [p + r for p, r in encode_examples(enc, examples, model.config.block_size)]
+    return [p + r for p, r in encode_examples(enc, examples, policy.config.block_size)]
+
+
+@torch.no_grad()
+def normalize_with(model, seqs, device, max_tokens=None):
+    """Subtract from the head's bias the mean score of seqs, so they score 0 on average.
+    Returns that mean before and after."""
+    eot = get_tokenizer(model.config.tokenizer).eot_token
     model.eval()
-
-    def mean_score():
-        return torch.cat([score_sequences(model, seqs[i:i + batch_size], enc.eot_token, device)
-                          for i in range(0, len(seqs), batch_size)]).mean().item()
-
-    before = mean_score()
+    before = score_sequences(model, seqs, eot, device, max_tokens).mean().item()
     model.score.bias -= before
-    after = mean_score()
+    after = score_sequences(model, seqs, eot, device, max_tokens).mean().item()
     model.train()
     return before, after
+
+
+def normalize_reward(model, policy, prompts, device, seed=0):
+    """normalize_with the policy's samples, one per prompt."""
+    return normalize_with(model, sft_samples(policy, prompts, seed), device)
 
 
 def held_out(prompt, frac):
@@ -194,20 +247,19 @@ def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
     cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
-
-    # ---- model: the SFT trunk with a new scalar head
-    model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
-    enc = get_tokenizer(model.config.tokenizer)
-    eot = enc.eot_token
-    print0(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}, device {d.device}, {d.world_size} process(es)")
+    assert cfg.ensemble >= 1, "--ensemble must be at least 1"
 
     # ---- data: rankings -> (sequences, pairs)
+    trunk_config = load_model(cfg.init, kind=("policy", "reward"), head="scalar").config
+    enc = get_tokenizer(trunk_config.tokenizer)
+    eot, block = enc.eot_token, trunk_config.block_size
     stats = {}
     if cfg.data == "task":  # steps 2-3 of train.sh in one: K samples per prompt, ranked by the simulated raters
         policy = load_model(cfg.init, kind="policy", device=d.device)
         prompts = task.prompts("train")[:cfg.task_prompts]
         rows = task.rate([{"prompt": p, "responses": r} for p, r in zip(prompts, sample_responses(policy, prompts, k=4, seed=cfg.seed))],
                          seed=cfg.seed)
+        stats["rows"] = len(rows)
     else:
         rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
     if cfg.val_data:
@@ -215,26 +267,83 @@ def main():
     else:  # split by prompt, so no held-out prompt was seen in training (also with two raters)
         train_rows = [r for r in rows if not held_out(r["prompt"], cfg.val_frac)]
         val_rows = [r for r in rows if held_out(r["prompt"], cfg.val_frac)]
-    block = model.config.block_size
     train, val = encode_rankings(enc, train_rows, block, stats), encode_rankings(enc, val_rows, block, stats)
     n_pairs = sum(len(p) for _, p, _ in train)
     print0(f"data: {len(train)} train rankings ({n_pairs} pairs) / {len(val)} val rankings; "
            f"{stats.get('truncated', 0)} responses' prompts cut from the left, {stats.get('dropped', 0)} rankings dropped "
            f"(a response longer than {block} tokens, or all tied), {stats.get('bad_lines', 0)} bad lines skipped")
-    assert train and val, "need both training and held-out rankings"
-
-    # ---- train
+    if not train or not val:
+        raise DataError(f"{cfg.val_data if train and cfg.val_data else cfg.data}: {len(train)} rankings to train on and "
+                        f"{len(val)} to hold out, but the reward model needs both: add rankings (with --val_frac "
+                        f"{cfg.val_frac}, about 1 prompt in {round(1 / max(cfg.val_frac, 1e-9))} is held out), "
+                        f"or give held-out rankings with --val_data")
     steps = cfg.epochs * (len(train) // cfg.batch_size)
-    assert steps > 0, f"{len(train)} rankings is less than one batch of {cfg.batch_size}"
+    if steps == 0:
+        raise DataError(f"{cfg.data}: {len(train)} training rankings, fewer than one batch of --batch_size {cfg.batch_size}; "
+                        f"add rankings or lower --batch_size")
+    # scoring batches hold at most the tokens of a training micro-batch of pairs, so validation and
+    # normalisation never need more memory than a training step
+    max_tokens = cfg.micro_batch_size * 2 * block
+
+    # ---- the SFT samples that normalisation scores (drawn once, shared by every member)
+    norm_seqs = None
+    if cfg.normalize and d.master:  # only rank 0 saves, so only rank 0 needs the shift
+        try:
+            policy = load_model(cfg.init, kind="policy", device=d.device)
+        except CheckpointError:
+            print0(f"normalize: skipped, {cfg.init} is not an SFT (policy) checkpoint to sample from")
+        else:
+            prompts = list(dict.fromkeys(r["prompt"] for r in train_rows))[:cfg.normalize_prompts]
+            norm_seqs = sft_samples(policy, prompts, seed=cfg.seed)
+
+    t0 = time.time()
+    for k in range(cfg.ensemble):
+        result = train_member(cfg, d, k, train, val, steps, accum, max_tokens, norm_seqs)
+    saved = f"{cfg.out}/ckpt.pt" + (f" and {cfg.ensemble - 1} more members in {cfg.out}/member*/" if cfg.ensemble > 1 else "")
+    print0(done_line("reward", stats, result + f" in {time.time() - t0:.0f}s", saved, d.device))
+    cleanup(d)
+
+
+def train_member(cfg, d, k, train, val, steps, accum, max_tokens, norm_seqs):
+    """Train ensemble member k (member 0 is the whole run when --ensemble is 1) and save it in
+    member_dir(cfg.out, k). Returns the closing summary of its validation."""
+    out = member_dir(cfg.out, k)
+    ckpt = resume_checkpoint(cfg, "reward", "epochs", d, path=os.path.join(out, "ckpt.pt"))
+    if ckpt is not None and ckpt["resume"].get("finished"):
+        print0(f"reward model {k}: already trained ({out}/ckpt.pt)")
+        return " | ".join(f"{n} {v:.4g}" for n, v in ckpt.items() if n.startswith("val/"))
+    # ---- model: the SFT trunk with a new scalar head, its init drawn from this member's seed
+    torch.manual_seed(cfg.seed + k)
+    model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
+    gen = torch.Generator().manual_seed(cfg.seed + k)  # the same on every process: they agree on the batch
+    if cfg.bootstrap:  # Efron's bootstrap: as many rankings, drawn with replacement
+        train = [train[i] for i in torch.randint(len(train), (len(train),), generator=gen).tolist()]
+    if cfg.ensemble > 1:
+        print0(f"reward model {k + 1} of {cfg.ensemble} (seed {cfg.seed + k}{', bootstrap' if cfg.bootstrap else ''}) -> {out}")
+    print0(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}, device {d.device}, {d.world_size} process(es)")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
     ddp_model = DDP(model) if d.ddp else model
-    gen = torch.Generator().manual_seed(cfg.seed)
-    logger = Logger(cfg.out, d.master)
-    t0 = time.time()
-    order, cursor = torch.randperm(len(train), generator=gen), 0
-    metrics = validate(model, val, eot, d.device)
-    logger.log(0, metrics)
-    bar = tqdm(range(1, steps + 1), desc="reward", disable=None if d.master else True, dynamic_ncols=True)
+    eot = get_tokenizer(model.config.tokenizer).eot_token
+    order, cursor, start = torch.randperm(len(train), generator=gen), 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        order, cursor, start = ckpt["resume"]["order"], ckpt["resume"]["cursor"], ckpt["step"]
+        set_rng_states(d, ckpt["resume"]["rng"], gen)
+    logger = Logger(out, d.master, resume_step=start if ckpt else None)
+
+    def save(step, finished=False, **extra):
+        rng = rng_states(d, gen)  # every process takes part
+        if d.master:
+            save_checkpoint(f"{out}/ckpt.pt", model, kind="reward", config=cfg, step=step, optimizer=optimizer,
+                            ensemble=cfg.ensemble, member=k,
+                            resume={"order": order, "cursor": cursor, "rng": rng, "finished": finished}, **extra)
+
+    if start == 0:
+        metrics = validate(model, val, eot, d.device, max_tokens)
+        logger.log(0, metrics)
+    bar = tqdm(range(start + 1, steps + 1), desc=f"reward{k if cfg.ensemble > 1 else ''}", disable=None if d.master else True,
+               dynamic_ncols=True, initial=start, total=steps)
     for step in bar:
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=gen), 0
@@ -244,10 +353,10 @@ def main():
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, steps)
         loss_sum, margins = 0.0, []
-        for k in range(accum):
-            micro = [train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]]
+        for j in range(accum):
+            micro = [train[i] for i in mine[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size]]
             if d.ddp:
-                ddp_model.require_backward_grad_sync = k == accum - 1
+                ddp_model.require_backward_grad_sync = j == accum - 1
             rewards = score_sequences(ddp_model, [s for seqs, _, _ in micro for s in seqs], eot, d.device)
             loss, m = ranking_loss(rewards, micro)
             (loss / accum).backward()
@@ -260,30 +369,24 @@ def main():
         metrics = {"loss": all_reduce_mean(loss_sum, d), "accuracy": all_reduce_mean((margins > 0).float().mean().item(), d),
                    "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]}
         if step % cfg.eval_every == 0 or step == steps:
-            metrics.update(validate(model, val, eot, d.device))
+            metrics.update(validate(model, val, eot, d.device, max_tokens))
             logger.log(step, metrics, bar=bar)
         else:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             logger.log(step, metrics, console=[])
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            save(step)
 
-    summary = {k: v for k, v in metrics.items() if k.startswith("val/")}
-    print0("reward done: " + " | ".join(f"{k} {v:.4g}" for k, v in summary.items()) + f" in {time.time() - t0:.0f}s")
+    if start == steps:  # resumed at the very end: nothing left to train, validate what there is
+        metrics = validate(model, val, eot, d.device, max_tokens)
+    summary = {n: v for n, v in metrics.items() if n.startswith("val/")}
     normalized = {}
-    if cfg.normalize and d.master:  # only rank 0 saves, so only rank 0 needs the shift
-        try:
-            policy = load_model(cfg.init, kind="policy", device=d.device)
-        except CheckpointError:
-            print0(f"normalize: skipped, {cfg.init} is not an SFT (policy) checkpoint to sample from")
-        else:
-            prompts = list(dict.fromkeys(r["prompt"] for r in train_rows))[:cfg.normalize_prompts]
-            before, after = normalize_reward(model, policy, prompts, d.device, seed=cfg.seed)
-            normalized = {"normalize/mean_before": before, "normalize/mean_after": after}
-            logger.log(steps, normalized)
-    if d.master:
-        save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="reward", config=cfg, step=steps, optimizer=optimizer,
-                        **summary, **normalized)
-        print0(f"saved {cfg.out}/ckpt.pt")
-    cleanup(d)
+    if norm_seqs is not None:
+        before, after = normalize_with(model, norm_seqs, d.device, max_tokens)
+        normalized = {"normalize/mean_before": before, "normalize/mean_after": after}
+        logger.log(steps, normalized)
+    save(steps, finished=True, **summary, **normalized)
+    return " | ".join(f"{n} {v:.4g}" for n, v in summary.items())
 
 
 if __name__ == "__main__":

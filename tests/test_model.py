@@ -201,6 +201,22 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_damaged_or_unsafe_checkpoint_never_suggests_unsafe_loading(tmp_path):
+    from sft import Config
+    good = tmp_path / "ckpt.pt"
+    common.save_checkpoint(str(good), tiny_gpt(), kind="policy", config=Config(), step=0)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:2000])  # a copy cut short
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": Config()}, unsafe)  # a pickled object that weights_only refuses to build
+    for path in (cut, unsafe):
+        with pytest.raises(common.CheckpointError) as info:
+            common.load_checkpoint(str(path))
+        message = str(info.value)
+        assert message.startswith(f"{path}: not a readable checkpoint") and "\n" not in message
+        assert "weights_only" not in message and "trust" not in message, message
+
+
 def test_save_is_atomic(tmp_path):
     from sft import Config
     out = tmp_path / "out"
