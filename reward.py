@@ -123,9 +123,13 @@ def load_ensemble(path, device="cpu", dtype=None):
     first = load_model(path, kind="reward", device=device)
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     k = load_checkpoint(file, kind="reward").get("ensemble", 1) if os.path.isfile(file) else 1
-    out = os.path.dirname(file)
-    members = [first] + [load_model(os.path.join(member_dir(out, i), "ckpt.pt"), kind="reward", device=device)
-                         for i in range(1, k)]
+    members = [first]
+    for i in range(1, k):
+        member = os.path.join(member_dir(os.path.dirname(file), i), "ckpt.pt")
+        if not os.path.exists(member):
+            raise CheckpointError(f"{file}: is an ensemble of {k} but member {i} ({member}) is missing; if reward.py "
+                                  f"was stopped, run it again with --resume true")
+        members.append(load_model(member, kind="reward", device=device))
     return [m.to(dtype) if dtype is not None else m for m in members]
 
 

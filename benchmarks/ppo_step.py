@@ -1,0 +1,252 @@
+"""One PPO update, phase by phase, through this project's path and through the Hugging Face path
+(what TRL's PPO runs), in the same process.
+
+    python benchmarks/ppo_step.py                 # GPU: GPT-2 124M shape; CPU: a tiny shape, so a test runs it
+    python benchmarks/ppo_step.py --updates 8     # more updates
+    python benchmarks/ppo_step.py | tee benchmarks/ppo_step-$(date +%F)-GPU.txt
+
+Workload (GPU): GPT-2 124M shape with random weights (nothing to download), vocabulary 50257 as
+a GPT-2 checkpoint has; 64 prompts whose lengths are drawn from 50 to 600 tokens (HH-RLHF-like),
+128 new tokens with EOS never sampled (so every row decodes all 128), minibatch 16, 4 PPO
+epochs, bf16. Each update draws a new batch of prompts, so a new prompt width, as PPO does: both
+paths slow down on shapes they have not seen (attention backends plan per shape, CUDA graphs are
+captured per length), so a one-update benchmark misleads. Reported: every update, then the first
+and the median of the rest, for both paths, and HF / ours per phase.
+
+- ours: ppo.py's own pieces: the Sampler (bf16 rollout copy, static KV cache, decode step as a
+  CUDA graph), response_logprobs / response_values (the lm_head on response positions only, log-probs
+  through the fused kernels), frozen reference and reward model in bf16, ppo_advantages, the clipped
+  losses, fused AdamW.
+- HF: GPT2LMHeadModel and its generate, log_softmax + gather on the response logits, value and
+  reward models as GPT2Model + a score head, under bf16 autocast, AdamW (fused).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import autocast, compute_dtype, make_optimizer  # noqa: E402
+from kernels import ppo_advantages  # noqa: E402
+from model import GPT, GPTConfig, Sampler  # noqa: E402
+from ppo import masked_whiten, policy_loss, response_logprobs, response_values, value_loss  # noqa: E402
+from reward import ensemble_scores  # noqa: E402
+
+GPU = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch=64, mini=16, new=128,
+           prompt_min=50, prompt_max=600)
+CPU = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=500, batch=8, mini=4, new=8,
+           prompt_min=5, prompt_max=40)
+EPOCHS, LR = 4, 1e-6
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompt_batch(s, g, device):
+    """Left-padded (B, P) random prompts of lengths drawn from [prompt_min, prompt_max]."""
+    lengths = torch.randint(s["prompt_min"], s["prompt_max"] + 1, (s["batch"],), generator=g)
+    P = int(lengths.max())
+    ids = torch.randint(0, s["vocab_size"] - 1, (s["batch"], P), generator=g)
+    mask = (torch.arange(P)[None] >= (P - lengths)[:, None]).long()
+    return ids.to(device), mask.to(device)
+
+
+class Ours:
+    """ppo.py's update, phase by phase."""
+
+    def __init__(self, s, device):
+        config = GPTConfig(**{k: s[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
+        frozen = compute_dtype(device)
+        self.policy = GPT(config).to(device)
+        self.ref = GPT(config).to(device, frozen).eval().requires_grad_(False)
+        self.reward = GPT(GPTConfig(**{**vars(config), "head": "scalar"})).to(device, frozen).eval().requires_grad_(False)
+        self.value = GPT(GPTConfig(**{**vars(config), "head": "scalar"})).to(device)
+        self.optimizer = make_optimizer(torch.nn.ModuleList([self.policy, self.value]), LR, 0.0, device, betas=(0.9, 0.999))
+        self.sampler = Sampler(self.policy, dtype=frozen)
+        self.s = s
+
+    def generate(self, ids, mask, g):
+        self.policy.eval()
+        self.sampler.load(self.policy)
+        response = self.sampler.generate(ids, mask, self.s["new"], temperature=1.0, eos_id=None, generator=g)
+        return torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1)
+
+    @torch.no_grad()
+    def score(self, seq, seq_mask, P):
+        mini, out = self.s["mini"], []
+        for i in range(0, len(seq), mini):
+            c = slice(i, i + mini)
+            out.append((response_logprobs(self.policy, seq[c], seq_mask[c], P, 1.0),
+                        response_logprobs(self.ref, seq[c], seq_mask[c], P, 1.0),
+                        response_values(self.value, seq[c], seq_mask[c], P),
+                        ensemble_scores([self.reward], seq[c], seq_mask[c])[0]))
+        old, ref, values, scores = (torch.cat(x) for x in zip(*out))
+        mask = torch.ones_like(old)
+        advantages, returns, _ = ppo_advantages(scores, old, ref, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
+        return old, values, masked_whiten(advantages, mask), returns, mask
+
+    def train(self, seq, seq_mask, P, old, old_values, advantages, returns, mask):
+        self.policy.train()
+        self.value.train()
+        mini = self.s["mini"]
+        for _ in range(EPOCHS):
+            for i in range(0, len(seq), mini):
+                c = slice(i, i + mini)
+                logprobs, _ = response_logprobs(self.policy, seq[c], seq_mask[c], P, 1.0, return_entropy=True)
+                pg, _ = policy_loss(logprobs, old[c], advantages[c], mask[c], 0.2)
+                vf, _ = value_loss(response_values(self.value, seq[c], seq_mask[c], P), old_values[c], returns[c], mask[c], 0.2)
+                self.optimizer.zero_grad(set_to_none=True)
+                (pg + 0.1 * vf).backward()
+                self.optimizer.step()
+
+
+class HuggingFace:
+    """The same update the way TRL's PPO does it: GPT2LMHeadModel.generate, log_softmax + gather."""
+
+    def __init__(self, s, device):
+        import transformers
+        config = transformers.GPT2Config(vocab_size=s["vocab_size"], n_positions=s["block_size"], n_layer=s["n_layer"],
+                                         n_head=s["n_head"], n_embd=s["n_embd"], resid_pdrop=0.0, embd_pdrop=0.0,
+                                         attn_pdrop=0.0)
+
+        class Scalar(torch.nn.Module):  # value / reward model: trunk + a score head on every position
+            def __init__(self):
+                super().__init__()
+                self.backbone, self.score = transformers.GPT2Model(config), torch.nn.Linear(config.n_embd, 1)
+
+            def forward(self, ids, mask, pos):
+                hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+                return self.score(hidden).squeeze(-1)
+
+        self.policy = transformers.GPT2LMHeadModel(config).to(device)
+        self.ref = transformers.GPT2LMHeadModel(config).to(device).eval()
+        self.value, self.reward = Scalar().to(device), Scalar().to(device).eval()
+        self.optimizer = torch.optim.AdamW(list(self.policy.parameters()) + list(self.value.parameters()), lr=LR,
+                                           fused=device.type == "cuda")
+        self.s, self.device = s, device
+
+    def generate(self, ids, mask, g):
+        self.policy.eval()
+        with torch.no_grad(), autocast(self.device):
+            out = self.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.s["new"],
+                                       min_new_tokens=self.s["new"], do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                       pad_token_id=self.s["vocab_size"] - 1)
+        return out, torch.cat([mask, torch.ones_like(out[:, ids.size(1):])], 1)
+
+    def logprobs(self, model, seq, mask, P):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, P - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, seq[:, P:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, seq, seq_mask, P):
+        mini, out = self.s["mini"], []
+        pos = (seq_mask.cumsum(1) - 1).clamp(min=0)
+        with autocast(self.device):
+            for i in range(0, len(seq), mini):
+                c = slice(i, i + mini)
+                out.append((self.logprobs(self.policy, seq[c], seq_mask[c], P), self.logprobs(self.ref, seq[c], seq_mask[c], P),
+                            self.value(seq[c], seq_mask[c], pos[c])[:, P - 1:-1].float(),
+                            self.reward(seq[c], seq_mask[c], pos[c])[:, -1].float()))
+        old, ref, values, scores = (torch.cat(x) for x in zip(*out))
+        mask = torch.ones_like(old)
+        advantages, returns, _ = ppo_advantages(scores, old, ref, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
+        return old, values, masked_whiten(advantages, mask), returns, mask
+
+    def train(self, seq, seq_mask, P, old, old_values, advantages, returns, mask):
+        self.policy.train()
+        self.value.train()
+        mini = self.s["mini"]
+        pos = (seq_mask.cumsum(1) - 1).clamp(min=0)
+        for _ in range(EPOCHS):
+            for i in range(0, len(seq), mini):
+                c = slice(i, i + mini)
+                with autocast(self.device):
+                    logprobs = self.logprobs(self.policy, seq[c], seq_mask[c], P)
+                    values = self.value(seq[c], seq_mask[c], pos[c])[:, P - 1:-1].float()
+                ratio = torch.exp(logprobs - old[c])
+                loss = torch.max(-advantages[c] * ratio, -advantages[c] * ratio.clamp(0.8, 1.2)).mean()
+                loss = loss + 0.1 * F.mse_loss(values, old_values[c])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+
+def update(path, ids, mask, g, device):
+    """One update through `path`; seconds per phase."""
+    seconds = {}
+    sync(device)
+    t = time.perf_counter()
+    seq, seq_mask = path.generate(ids, mask, g)
+    sync(device)
+    seconds["generation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    P = ids.size(1)
+    rollout = path.score(seq, seq_mask, P)
+    sync(device)
+    seconds["scoring"] = time.perf_counter() - t
+    t = time.perf_counter()
+    path.train(seq, seq_mask, P, *rollout)
+    sync(device)
+    seconds["training"] = time.perf_counter() - t
+    seconds["update"] = sum(seconds.values())
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Time one PPO update: this project's path against Hugging Face's.")
+    parser.add_argument("--updates", type=int, default=5, help="updates per path, each with new prompts (default 5)")
+    parser.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    s = GPU if device.type == "cuda" else CPU
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [prompt_batch(s, g, device) for _ in range(args.updates)]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (a tiny shape: the GPU numbers are the ones that matter)"
+    print(f"{time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}")
+    print(f"PPO update: {s['n_layer']} layers x {s['n_embd']}, V={s['vocab_size']}, {s['batch']} prompts of "
+          f"{s['prompt_min']}-{s['prompt_max']} tokens, {s['new']} new tokens (no EOS), minibatch {s['mini']}, "
+          f"{EPOCHS} epochs; a new prompt batch every update")
+    phases = ["generation", "scoring", "training", "update"]
+    results = {}
+    for label, cls in (("ours", Ours), ("HF", HuggingFace)):
+        path = cls(s, device)
+        sample_gen = torch.Generator(device=device).manual_seed(0)
+        results[label] = []
+        for i, (ids, mask) in enumerate(batches):
+            seconds = update(path, ids, mask, sample_gen, device)
+            results[label].append(seconds)
+            print(f"{label:<5} update {i}  P={ids.size(1):4d}  " + "  ".join(f"{k} {1000 * v:9.1f} ms" for k, v in seconds.items())
+                  + f"  ({1000 * seconds['generation'] / s['new']:.2f} ms per decoded token)", flush=True)
+        del path
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def row(label, pick):
+        return [1000 * pick([r[p] for r in results[label]]) for p in phases]
+
+    print(f"\n{'ms':<26}" + "".join(f"{p:>12}" for p in phases) + f"{'ms/token':>12}")
+    table = {}
+    for label in ("ours", "HF"):
+        table[label, "first"] = row(label, lambda xs: xs[0])
+        table[label, "median"] = row(label, lambda xs: statistics.median(xs[1:] or xs))
+        for which in ("first", "median"):
+            ms = table[label, which]
+            print(f"{label + ', ' + which + (' update' if which == 'first' else ' of the rest'):<26}"
+                  + "".join(f"{v:12.1f}" for v in ms) + f"{ms[0] / s['new']:12.2f}")
+    for which in ("first", "median"):
+        ratio = [h / o for h, o in zip(table["HF", which], table["ours", which])]
+        print(f"{'HF / ours, ' + which:<26}" + "".join(f"{r:11.2f}x" for r in ratio))
+
+
+if __name__ == "__main__":
+    main()

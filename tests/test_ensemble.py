@@ -1,0 +1,109 @@
+"""Over-optimisation, resisted: reward-model ensembles scored with an uncertainty penalty, and PPO
+watching held-out prompts (eval/*), keeping the best checkpoint and stopping past --max_kl."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import reward
+from common import load_checkpoint
+from data import task
+from test_stages import SFT_ARGS, metrics, one_sentence, run, tiny_ckpts, write_rankings  # noqa: F401  (a fixture)
+
+
+def test_conservative_score_by_hand():
+    scores = torch.tensor([[1.0, 4.0], [2.0, 4.0], [3.0, 4.0]])  # 3 members, 2 responses
+    score, spread = reward.conservative_score(scores, 1.5)
+    std = (2 / 3) ** 0.5  # members 1, 2, 3 around their mean 2: sqrt((1 + 0 + 1) / 3)
+    torch.testing.assert_close(spread, torch.tensor([std, 0.0]))
+    torch.testing.assert_close(score, torch.tensor([2.0 - 1.5 * std, 4.0]))
+    one, zero = reward.conservative_score(scores[:1], 10.0)  # one member: its own score, whatever the coefficient
+    assert torch.equal(one, scores[0]) and torch.equal(zero, torch.zeros(2))
+
+
+@pytest.fixture(scope="module")
+def rankings(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rankings")
+    write_rankings(d / "rankings.jsonl", task.prompts("train")[:24])
+    write_rankings(d / "val.jsonl", task.prompts("val")[:8], seed=1)
+    run("sft.py", *SFT_ARGS, "--out", d / "sft")
+    return d
+
+
+def reward_args(d):
+    return ["--data", d / "rankings.jsonl", "--val_data", d / "val.jsonl", "--init", d / "sft" / "ckpt.pt",
+            "--batch_size", 8, "--epochs", 1, "--normalize_prompts", 8]
+
+
+def test_ensemble_members_side_by_side_and_member_zero_is_the_plain_model(rankings, tmp_path):
+    run("reward.py", *reward_args(rankings), "--out", tmp_path / "one")
+    run("reward.py", *reward_args(rankings), "--ensemble", 3, "--bootstrap", "true", "--out", tmp_path / "three")
+    run("reward.py", *reward_args(rankings), "--ensemble", 2, "--out", tmp_path / "two")
+    members = reward.load_ensemble(str(tmp_path / "three"))
+    assert len(members) == 3 and len(reward.load_ensemble(str(tmp_path / "one" / "ckpt.pt"))) == 1
+    heads = [m.score.weight for m in members]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])  # own seeds
+    # without --bootstrap, member 0 is exactly what a single run trains
+    plain, first = load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "two"))
+    assert all(torch.equal(plain["model"][k], first["model"][k]) for k in plain["model"])
+    assert first["ensemble"] == 2 and os.path.exists(tmp_path / "two" / "member1" / "metrics.jsonl")
+    os.remove(tmp_path / "two" / "member1" / "ckpt.pt")  # a member missing: refused, naming it
+    with pytest.raises(reward.CheckpointError, match="member1"):
+        reward.load_ensemble(str(tmp_path / "two"))
+
+
+def ppo(tiny_ckpts, out, *args, check=True):
+    return run("ppo.py", "--init", tiny_ckpts / "policy.pt", "--updates", 3, "--batch_size", 8, "--mini_batch_size", 4,
+               "--max_new_tokens", 8, "--eval_n", 8, "--eval_every", 1, *args, "--out", out, check=check)
+
+
+def test_one_member_ensemble_is_a_plain_reward_model(tiny_ckpts, tmp_path):
+    # a single reward model has no spread, so the penalty changes nothing
+    ppo(tiny_ckpts, tmp_path / "plain", "--reward", tiny_ckpts / "reward.pt")
+    ppo(tiny_ckpts, tmp_path / "penalised", "--reward", tiny_ckpts / "reward.pt", "--uncertainty_coef", 5)
+    a, b = (load_checkpoint(str(tmp_path / x)) for x in ("plain", "penalised"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ppo_scores_with_an_ensemble_and_watches_held_out_prompts(rankings, tiny_ckpts, tmp_path):
+    run("reward.py", *reward_args(rankings), "--ensemble", 2, "--out", tmp_path / "rm")
+    out = tmp_path / "ppo"
+    run("ppo.py", "--init", rankings / "sft" / "ckpt.pt", "--reward", tmp_path / "rm", "--uncertainty_coef", 1,
+        "--keep_best", "true", "--updates", 3, "--batch_size", 8, "--mini_batch_size", 4, "--max_new_tokens", 8,
+        "--eval_n", 8, "--eval_every", 1, "--log_samples_every", 1, "--out", out)
+    rows = metrics(out)
+    train = [r for r in rows if "ppo/policy_loss" in r]
+    watched = [r for r in rows if "eval/kl" in r]
+    assert all(r["objective/rm_spread"] > 0 for r in train)
+    # the penalised score is what PPO gets: mean minus the spread
+    assert all(r["objective/score"] == pytest.approx(r["objective/rm_score"] - r["objective/rm_spread"], abs=1e-5) for r in train)
+    assert [r["step"] for r in watched] == [0, 1, 2, 3]  # the SFT policy first, then every update
+    assert watched[0]["eval/kl"] == pytest.approx(0, abs=1e-5) and all(r["eval/rm_spread"] > 0 for r in watched)
+    assert {"eval/score", "eval/resp_len", "eval/gold"} <= set(watched[0])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["eval/score"] == max(r["eval/score"] for r in watched)
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert {s["step"] for s in samples} == {1, 2, 3} and {"prompt", "response", "score", "kl", "gold"} <= set(samples[0])
+
+
+def test_keep_best_refuses_a_single_reward_model(tiny_ckpts, tmp_path):
+    proc = ppo(tiny_ckpts, tmp_path / "ppo", "--reward", tiny_ckpts / "reward.pt", "--keep_best", "true", check=False)
+    last = one_sentence(proc)
+    assert "--keep_best" in last and "single reward model" in last and "ensemble" in last, last
+
+
+def test_max_kl_stops_the_run_and_says_why(tiny_ckpts, tmp_path):
+    proc = ppo(tiny_ckpts, tmp_path / "ppo", "--reward", tiny_ckpts / "reward.pt", "--max_kl", 1e-6, "--lr", 0.01)
+    assert "stopped at update 1: the held-out KL per response passed --max_kl" in proc.stdout
+    assert "the last checkpoint is" in proc.stdout
+    assert load_checkpoint(str(tmp_path / "ppo"))["step"] == 1
+
+
+def test_reward_with_too_few_rankings_says_what_to_do(rankings, tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(open(rankings / "rankings.jsonl").readline())
+    proc = run("reward.py", "--data", path, "--init", rankings / "sft" / "ckpt.pt", "--out", tmp_path / "rm", check=False)
+    last = one_sentence(proc)
+    assert str(path) in last and "--val_data" in last and "add rankings" in last, last
