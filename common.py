@@ -59,6 +59,15 @@ class Dist:
         return self.rank == 0
 
 
+def pick_device(name=""):
+    """--device, or CUDA when present, else the CPU. Apple's mps is refused: nothing here is
+    tested on it (no CI machine has one), and on a Mac the CPU runs the built-in task in minutes."""
+    if name.startswith("mps"):
+        raise ConfigError("--device mps is not supported: the stages are tested on CUDA and the CPU only; "
+                          "on a Mac use --device cpu (the default there)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def setup(device="", seed=0):
     """Device and process group: CUDA when present, else CPU (--device overrides); under
     torchrun one process per device (NCCL on GPU, gloo on CPU). Seeds every process alike, so
@@ -66,7 +75,7 @@ def setup(device="", seed=0):
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(device))
     if device == "cuda" and ddp:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import CheckpointError, autocast, load_model, parse_config, run_main, token_batches
+from common import CheckpointError, autocast, load_model, parse_config, pick_device, run_main, token_batches
 from data import task
 from data.formats import load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer
@@ -100,7 +100,7 @@ def mean(xs):
 
 def main():
     cfg = parse_config(Config)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     prompts = get_prompts(cfg.prompts, "test", cfg.n)
     on_task = all(task.is_task_prompt(p) for p in prompts)
     reward_model = load_model(cfg.reward, kind="reward", device=device).eval() if cfg.reward else None

@@ -39,7 +39,7 @@ from itertools import combinations
 
 import torch
 
-from common import load_model, parse_config, run_main
+from common import load_model, parse_config, pick_device, run_main
 from data.formats import DataError, load_candidates, load_rankings, ranking_pairs, write_jsonl
 from sample import get_prompts, sample_responses
 
@@ -158,7 +158,7 @@ def responses_to_rank(cfg, todo):
     if cfg.candidates:
         yield from todo
         return
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     model = load_model(cfg.init, kind="policy", device=device)
     for start in range(0, len(todo), cfg.batch):
         prompts = todo[start:start + cfg.batch]

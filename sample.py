@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import compute_dtype, load_model, parse_config, run_main
+from common import compute_dtype, load_model, parse_config, pick_device, run_main
 from data import task
 from data.formats import load_prompts, write_jsonl
 from data.tokenizer import get_tokenizer, pad
@@ -100,7 +100,7 @@ def get_prompts(source, split="test", n=0):
 
 def main():
     cfg = parse_config(Config)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     prompts = get_prompts(cfg.prompts, cfg.split, cfg.n)
     sampling = dict(k=cfg.k, batch_size=cfg.batch_size, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, progress=True)

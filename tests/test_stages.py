@@ -305,3 +305,9 @@ def test_ppo_refuses_fewer_prompts_than_a_rollout(tiny_ckpts, tmp_path):
                *PPO_ARGS, "--out", tmp_path / "ppo", check=False)
     last = one_sentence(proc)
     assert "prompts.jsonl" in last and "2 prompts" in last and "8" in last, last
+
+
+def test_mps_is_refused_in_one_sentence(tmp_path):
+    proc = run("sft.py", *SFT_ARGS, "--device", "mps", "--out", tmp_path / "sft", check=False)
+    last = one_sentence(proc)
+    assert "--device mps is not supported" in last and "--device cpu" in last, last
