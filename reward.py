@@ -253,10 +253,13 @@ def main():
     cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
     assert cfg.ensemble >= 1, "--ensemble must be at least 1"
 
+    # ---- model: the SFT trunk with a new scalar head (member 0's; each member draws its own head)
+    torch.manual_seed(cfg.seed)
+    first = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
+    enc = get_tokenizer(first.config.tokenizer)
+    eot, block = enc.eot_token, first.config.block_size
+
     # ---- data: rankings -> (sequences, pairs)
-    trunk_config = load_model(cfg.init, kind=("policy", "reward"), head="scalar").config
-    enc = get_tokenizer(trunk_config.tokenizer)
-    eot, block = enc.eot_token, trunk_config.block_size
     stats = {}
     if cfg.data == "task":  # steps 2-3 of train.sh in one: K samples per prompt, ranked by the simulated raters
         policy = load_model(cfg.init, kind="policy", device=d.device)
@@ -302,23 +305,24 @@ def main():
 
     t0 = time.time()
     for k in range(cfg.ensemble):
-        result = train_member(cfg, d, k, train, val, steps, accum, max_tokens, norm_seqs)
+        result = train_member(cfg, d, k, first if k == 0 else None, train, val, steps, accum, max_tokens, norm_seqs)
     saved = f"{cfg.out}/ckpt.pt" + (f" and {cfg.ensemble - 1} more members in {cfg.out}/member*/" if cfg.ensemble > 1 else "")
     print0(done_line("reward", stats, result + f" in {time.time() - t0:.0f}s", saved, d.device))
     cleanup(d)
 
 
-def train_member(cfg, d, k, train, val, steps, accum, max_tokens, norm_seqs):
+def train_member(cfg, d, k, model, train, val, steps, accum, max_tokens, norm_seqs):
     """Train ensemble member k (member 0 is the whole run when --ensemble is 1) and save it in
-    member_dir(cfg.out, k). Returns the closing summary of its validation."""
+    member_dir(cfg.out, k); model: its starting point, or None to load it. Returns the closing
+    summary of its validation."""
     out = member_dir(cfg.out, k)
     ckpt = resume_checkpoint(cfg, "reward", "epochs", d, path=os.path.join(out, "ckpt.pt"))
     if ckpt is not None and ckpt["resume"].get("finished"):
         print0(f"reward model {k}: already trained ({out}/ckpt.pt)")
         return " | ".join(f"{n} {v:.4g}" for n, v in ckpt.items() if n.startswith("val/"))
-    # ---- model: the SFT trunk with a new scalar head, its init drawn from this member's seed
-    torch.manual_seed(cfg.seed + k)
-    model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
+    if model is None:  # the SFT trunk with a new scalar head, its init drawn from this member's seed
+        torch.manual_seed(cfg.seed + k)
+        model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
     gen = torch.Generator().manual_seed(cfg.seed + k)  # the same on every process: they agree on the batch
     if cfg.bootstrap:  # Efron's bootstrap: as many rankings, drawn with replacement
         train = [train[i] for i in torch.randint(len(train), (len(train),), generator=gen).tolist()]

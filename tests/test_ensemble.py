@@ -107,3 +107,50 @@ def test_reward_with_too_few_rankings_says_what_to_do(rankings, tmp_path):
     proc = run("reward.py", "--data", path, "--init", rankings / "sft" / "ckpt.pt", "--out", tmp_path / "rm", check=False)
     last = one_sentence(proc)
     assert str(path) in last and "--val_data" in last and "add rankings" in last, last
+
+
+SCRIPTED_JUDGE = '''
+import os
+SCRIPT = [0.1, 0.5, 0.3, 0.9, 0.2]  # the held-out score at updates 0, 1, 2, 3, 4
+COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls")
+
+
+def scripted(prompts, responses):
+    calls = int(open(COUNTER).read()) if os.path.exists(COUNTER) else 0
+    open(COUNTER, "w").write(str(calls + 1))
+    return [SCRIPT[calls]] * len(responses)
+
+
+def length(prompts, responses):
+    return [-abs(len(r.split()) - 5) / 5 for r in responses]
+'''
+
+
+def test_keep_best_follows_the_judge_on_a_scripted_sequence(tiny_ckpts, tmp_path):
+    pytest.importorskip("rate")
+    judge = tmp_path / "judge.py"
+    judge.write_text(SCRIPTED_JUDGE)
+    out = tmp_path / "ppo"
+    # a single reward model is allowed here: the judge, not the reward model, picks the checkpoint
+    ppo(tiny_ckpts, out, "--reward", tiny_ckpts / "reward.pt", "--judge", f"{judge}:scripted", "--keep_best", "true",
+        "--updates", 4)
+    watched = [r for r in metrics(out) if "eval/judge" in r]
+    assert [r["eval/judge"] for r in watched] == pytest.approx([0.1, 0.5, 0.3, 0.9, 0.2])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["step"] == 3 and best["eval/judge"] == pytest.approx(0.9)
+
+
+def test_ppo_from_a_judge_alone(tiny_ckpts, tmp_path):
+    pytest.importorskip("rate")
+    judge = tmp_path / "judge.py"
+    judge.write_text(SCRIPTED_JUDGE)
+    out = tmp_path / "ppo"
+    ppo(tiny_ckpts, out, "--reward_fn", f"{judge}:length", "--keep_best", "true")
+    rows = [r for r in metrics(out) if "ppo/policy_loss" in r]
+    assert all(r["objective/score"] == pytest.approx(r["objective/reward_fn"]) for r in rows)
+    assert not any("objective/rm_score" in r for r in rows)
+    value = load_checkpoint(str(out / "value.pt"))
+    policy = load_checkpoint(str(tiny_ckpts / "policy.pt"))
+    # the value model is the policy's trunk with a new head (no reward model to start from)
+    assert value["model_config"]["head"] == "scalar" and value["model_config"]["n_embd"] == policy["model_config"]["n_embd"]
+    assert os.path.exists(out / "best.pt")  # the judge picks the best checkpoint
