@@ -1,14 +1,18 @@
 """kl_full: the exact KL(policy || reference) per token, summed over the whole vocabulary.
 
-With x = logits / temperature and y = ref_logits / temperature in fp32, p = softmax(x),
-q = softmax(y), m = max x, s = sum exp(x - m), and ref_m, ref_s the same for y, per row
-    log p_v - log q_v = ((x_v - m) - (y_v - ref_m)) - (log s - log ref_s)
-    KL = sum_v p_v (log p_v - log q_v) = u / s - (log s - log ref_s),
-    u  = sum_v exp(x_v - m) ((x_v - m) - (y_v - ref_m))
+With z = logits and y = ref_logits in fp32, 1/T the reciprocal of the temperature,
+p = softmax(z / T), q = softmax(y / T), m = max z, s = sum exp((z - m) / T), and ref_m, ref_s the
+same for y, per row
+    log p_v - log q_v = ((z_v - m) - (y_v - ref_m)) / T - (log s - log ref_s)
+    KL = sum_v p_v (log p_v - log q_v) = (u / s) / T - (log s - log ref_s),
+    u  = sum_v exp((z_v - m) / T) ((z_v - m) - (y_v - ref_m))
 The forward reads both rows once in chunks, keeping running maxima and sums for both (the online
 softmax, as in logprobs.py) and u, rescaled whenever a max grows. Every difference is taken
-relative to the maxima, never through lse = m + log s or x - y: at logits of 1e4 the fp32 spacing
-is 1e-3, which would swamp a small KL between two large, nearly equal rows.
+relative to the maxima, never through lse = m + log s or z - y: at logits of 1e4 the fp32 spacing
+is 1e-3, which would swamp a small KL between two large, nearly equal rows. And differences are
+taken in the logits' own units, scaled by 1/T only after, as logprobs.py explains: the version that
+divided first gave KL(p || p), exactly 0 with gradient 0, gradients up to 5e-4 on an H100 at
+T = 0.7; here (z - m) - (y - ref_m) is exactly 0 when z == y, whatever the compiler does.
 """
 
 import torch
@@ -22,7 +26,7 @@ BLOCK_V = 4096  # elements of a row per loop step; a power of two, as tl.arange 
 
 @triton.jit
 def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
-                stride_b, stride_t, ref_stride_b, ref_stride_t, T, V, temperature,
+                stride_b, stride_t, ref_stride_b, ref_stride_t, T, V, inv_temperature,
                 BLOCK_V: tl.constexpr):
     # one program per row; reads 2 * V logits, writes 5 floats
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at N*V > 2e9
@@ -30,31 +34,32 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
     offs = tl.arange(0, BLOCK_V)
     # the maxima start at the rows' first values, so that the first rescale multiplies finite ones
-    m = tl.load(row_ptr).to(tl.float32) / temperature  # running max of x
-    ref_m = tl.load(ref_row_ptr).to(tl.float32) / temperature  # running max of y
-    s = 0.0  # sum exp(x - m)
-    ref_s = 0.0  # sum exp(y - ref_m)
-    u = 0.0  # sum exp(x - m) ((x - m) - (y - ref_m))
+    m = tl.load(row_ptr).to(tl.float32)  # running max of z
+    ref_m = tl.load(ref_row_ptr).to(tl.float32)  # running max of y
+    s = 0.0  # sum exp((z - m) / T)
+    ref_s = 0.0  # sum exp((y - ref_m) / T)
+    u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(tl.where(in_row, x, float("-inf")), axis=0))
+        z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(tl.where(in_row, z, float("-inf")), axis=0))
         ref_m_new = tl.maximum(ref_m, tl.max(tl.where(in_row, y, float("-inf")), axis=0))
-        alpha = tl.exp(m - m_new)  # rescales the sums so far to the new max
-        p = tl.where(in_row, tl.exp(x - m_new), 0.0)
-        ref_p = tl.where(in_row, tl.exp(y - ref_m_new), 0.0)
+        alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
+        # exp(-inf) = 0 past the row (there exp(0 - max) could overflow)
+        p = tl.exp(tl.where(in_row, z - m_new, float("-inf")) * inv_temperature)
+        ref_p = tl.exp(tl.where(in_row, y - ref_m_new, float("-inf")) * inv_temperature)
         # each old term of u gains (ref_m_new - ref_m) - (m_new - m) and the factor alpha
         u = alpha * (u + ((ref_m_new - ref_m) - (m_new - m)) * s)
-        u += tl.sum(p * ((x - m_new) - (y - ref_m_new)), axis=0)
+        u += tl.sum(p * ((z - m_new) - (y - ref_m_new)), axis=0)
         s = alpha * s + tl.sum(p, axis=0)
-        ref_s = tl.exp(ref_m - ref_m_new) * ref_s + tl.sum(ref_p, axis=0)
+        ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + tl.sum(ref_p, axis=0)
         m = m_new
         ref_m = ref_m_new
     log_s = tl.log(s)
     ref_log_s = tl.log(ref_s)
-    tl.store(kl_ptr + row, u / s - (log_s - ref_log_s))
+    tl.store(kl_ptr + row, inv_temperature * u / s - (log_s - ref_log_s))
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
     tl.store(ref_max_ptr + row, ref_m)
@@ -64,9 +69,9 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
 @triton.jit
 def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
                 grad_kl_ptr, grad_logits_ptr, stride_b, stride_t, ref_stride_b, ref_stride_t, T,
-                V, temperature, BLOCK_V: tl.constexpr):
+                V, inv_temperature, BLOCK_V: tl.constexpr):
     # one program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype).
-    #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d logits = (d / d x) / temperature
+    #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d z = (d / d x) / T
     row = tl.program_id(0).to(tl.int64)
     row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
     ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
@@ -81,11 +86,12 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        p = tl.where(in_row, tl.exp((x - m) - log_s), 0.0)  # so masked lanes stay finite
-        log_ratio = ((x - m) - (y - ref_m)) - (log_s - ref_log_s)  # log p - log q
-        grad = grad_kl * p * (log_ratio - kl) / temperature
+        # z = -inf past the row: p = 0 there, so that lanes not stored stay finite
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        p = tl.exp((z - m) * inv_temperature - log_s)
+        log_ratio = ((z - m) - (y - ref_m)) * inv_temperature - (log_s - ref_log_s)  # log p - log q
+        grad = grad_kl * p * tl.where(in_row, log_ratio - kl, 0.0) * inv_temperature
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -108,8 +114,8 @@ class _KLFull(torch.autograd.Function):
         stats = torch.empty(4, B * T, device=logits.device).unbind()  # max, log_sum, ref_...
         if B * T > 0:
             _fwd_kernel[(B * T,)](rows, ref_rows, kl, *stats, *rows.stride()[:2],
-                                  *ref_rows.stride()[:2], T, V, temperature, BLOCK_V=_block(V),
-                                  num_warps=8)
+                                  *ref_rows.stride()[:2], T, V, 1.0 / temperature,
+                                  BLOCK_V=_block(V), num_warps=8)
         # a copy of kl (O(rows)) is saved, so that the caller may still modify kl in place
         ctx.save_for_backward(logits, ref_logits, kl.clone(), *stats)
         ctx.temperature = temperature
@@ -124,7 +130,7 @@ class _KLFull(torch.autograd.Function):
         if B * T > 0:
             _bwd_kernel[(B * T,)](rows, ref_rows, *stats, grad_kl.reshape(-1).float().contiguous(),
                                   grad_logits, *rows.stride()[:2], *ref_rows.stride()[:2], T, V,
-                                  ctx.temperature, BLOCK_V=_block(V), num_warps=8)
+                                  1.0 / ctx.temperature, BLOCK_V=_block(V), num_warps=8)
         return grad_logits, None, None  # the reference model is frozen: no gradient for it
 
 

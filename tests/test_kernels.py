@@ -153,20 +153,23 @@ def big_tensors_of_backward(loss, logits):
 # ---- dispatch --------------------------------------------------------------------------------
 
 def test_dispatch_follows_env_and_device(monkeypatch):
-    x = torch.randn(3, 5)
+    # right with and without a GPU: DEVICE is where the kernels run in this session
+    x = torch.randn(3, 5, device=DEVICE)
     assert kernels._common.use_triton(x)  # MINRLHF_KERNELS=triton from the fixture
     monkeypatch.setenv("MINRLHF_KERNELS", "torch")
     assert not kernels._common.use_triton(x)
     monkeypatch.delenv("MINRLHF_KERNELS")
     assert kernels._common.use_triton(x) == x.is_cuda
+    assert not kernels._common.use_triton(x.cpu())  # CPU tensors get the reference
     monkeypatch.setenv("MINRLHF_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MINRLHF_KERNELS"):
         kernels._common.use_triton(x)
-    if not x.is_cuda:  # Triton on CPU tensors without the interpreter: one clear sentence
-        monkeypatch.setenv("MINRLHF_KERNELS", "triton")
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            kernels._common.use_triton(x)
+    # Triton forced on CPU tensors without the interpreter: one clear sentence (on a GPU machine
+    # TRITON_INTERPRET is not set in the first place)
+    monkeypatch.setenv("MINRLHF_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels._common.use_triton(x.cpu())
 
 
 def test_rows_view_reads_sliced_logits_in_place():
@@ -174,6 +177,29 @@ def test_rows_view_reads_sliced_logits_in_place():
     rows = kernels._common.rows_view(full[:, 1:-1])  # as PPO slices the response's logits
     assert rows.shape == (2, 4, 7) and rows.data_ptr() == full[:, 1:].data_ptr()
     assert kernels._common.rows_view(full[0, 0]).shape == (1, 1, 7)
+
+
+def test_shift_invariant():
+    # The kernels take differences of logits, z - max z, in the logits' own units and scale them by
+    # 1/T only after (logprobs.py says why). Adding 4096 to every logit, exact in fp32 for these
+    # quarter-integers, must then give the same bits forward and backward. A kernel that computes
+    # z / T first rounds it at 4096 / 0.7 ~ 5851, where fp32 values are 5e-4 apart: the version
+    # that did fails this by ~1e-4 even in the interpreter; on an H100, where the rounding of a
+    # division differed between uses, it failed the extreme-logit gradients at T = 0.7.
+    torch.manual_seed(0)
+    logits = torch.randint(-40, 40, (3, 4, 37), device=DEVICE).float() / 4
+    ref_logits = torch.randint(-40, 40, (3, 4, 37), device=DEVICE).float() / 4
+    targets = torch.randint(0, 37, (3, 4), device=DEVICE)
+    w = torch.randn(3, 3, 4, device=DEVICE)
+    outputs = []
+    for shift in (0.0, 4096.0):
+        x = (logits + shift).requires_grad_()
+        lp, h = token_logprobs(x, targets, temperature=0.7, return_entropy=True)
+        kl = kl_full(x, ref_logits - shift, temperature=0.7)
+        grads = torch.autograd.grad((lp * w[0] + h * w[1] + kl * w[2]).sum(), x)
+        outputs.append((lp, h, kl, *grads))
+    for unshifted, shifted in zip(*outputs):
+        assert torch.equal(unshifted, shifted)
 
 
 # ---- token_logprobs --------------------------------------------------------------------------
