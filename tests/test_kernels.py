@@ -13,7 +13,11 @@ stored in the logits' dtype, rounded once: allowed one unit in the last place of
 (2**-7 relative for bf16, 2**-10 for fp16, 1e-5 for fp32), plus 1e-5 absolute: the reference's
 log_softmax backward sums V products in fp32 and is off by ~1e-5 at V = 50257 (the kernels by
 ~1e-6), while a wrong sign, temperature factor or normaliser is off by the gradient itself.
+GAE and ppo_advantages sum up to T terms that can cancel, so each output is held to an error bound
+derived from its terms (above gae_fp64), not to a fixed tolerance.
 """
+
+import math
 
 import pytest
 import torch
@@ -60,18 +64,64 @@ def kl_fp64(logits, ref_logits, temperature):
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-def gae_fp64(rewards, values, lengths, gamma, lam):
-    # straight from the paper, one row at a time over its valid tokens only
+# GAE's error bound, from which its tolerances come. With u = 2**-24 (fp32's unit roundoff),
+# c = gamma * lam, and fp32 inputs (exact in fp64), the truth is
+#     A_t = sum_{k < n} c^k delta_{t+k},   delta_t = r_t + gamma V_{t+1} - V_t,   R_t = A_t + V_t
+# over the n valid steps from t on. It can cancel to near 0 while its terms are large, so the error
+# of an fp32 evaluation is bounded by the terms, not by the result. Any order of evaluation (the
+# loop of gae_ref, the kernel's scan in chunks with a carry between them, the doubling of
+# gae_doubling_ref) reaches A_t from term k through, to first order in u:
+#   - c^k: fp32's c = fl(fl(gamma) fl(lam)) is off by <= 3u relatively, so c^k by <= 3k u, and c^k
+#     is formed (as a running product, a scan's decay products, or by squaring) with <= k more
+#     roundings of u each: <= 4k u;
+#   - the multiply-and-add on its path to A_t: <= k + 1 in the loop; in a scan <= 2 log2(T) + 2
+#     per chunk (a thread's sequential part, the warp and cross-warp levels, the final apply) plus
+#     one carry for each chunk crossed (<= k / 16 + 1, chunks being >= 16 steps), 2 roundings each:
+#     <= 3k + 4 log2(T) + 8 roundings whatever the scheme;
+#   - delta_t's own 3 operations: <= 4u D_t, D_t = |r_t| + |gamma V_{t+1}| + |V_t|, plus the error
+#     of r_t where the kernel computes it (ppo_advantages: reward_error below).
+# Hence, term by term,
+#     |A - A_t| <= sum_k c^k (u [(7k + 4 log2 T + 8) |delta_{t+k}| + 4 D_{t+k}] + reward_error_{t+k})
+#     |R - R_t| <= that + u (|A_t| + |V_t|),
+# which gae_fp64 accumulates backwards beside A_t (sum k c^k x_{t+k} = c (that sum at t + 1 +
+# sum c^k x_{t+1+k})). At T = 1500, c = 0.99 it is ~5e-3 where the terms are ~1 (the scan was
+# 1.3e-5 off on an H100, over a fixed atol of 1e-5), while a dropped chunk carry is off by
+# c^(steps to the chunk's end) |A| ~ 1 and a wrong decay by more: test_gae_tolerance_can_fail.
+U = 2.0 ** -24
+
+
+def gae_fp64(rewards, values, lengths, gamma, lam, reward_error=None):
+    """Advantages and returns straight from the paper, one row at a time over its valid tokens
+    only, in fp64; and the bound above for each (0 where masked: the outputs must be exactly 0)."""
     B, T = rewards.shape
-    advantages = [[0.0] * T for _ in range(B)]
-    returns = [[0.0] * T for _ in range(B)]
-    for b, (r, v, n) in enumerate(zip(rewards.tolist(), values.tolist(), lengths.tolist())):
+    c = gamma * lam
+    roundings = 4 * max(1, math.ceil(math.log2(T))) + 8
+    reward_error = torch.zeros(B, T) if reward_error is None else reward_error
+    out = torch.zeros(4, B, T, dtype=torch.float64)  # advantages, returns, their bounds
+    for b, (r, v, err, n) in enumerate(zip(rewards.tolist(), values.tolist(),
+                                           reward_error.tolist(), lengths.tolist())):
         next_value, next_advantage = 0.0, 0.0
+        terms = weighted = rest = 0.0  # sums of c^k |delta|, of k c^k |delta|, of the rest
         for t in reversed(range(n)):
-            next_advantage = r[t] + gamma * next_value - v[t] + gamma * lam * next_advantage
+            delta = r[t] + gamma * next_value - v[t]
+            next_advantage = delta + c * next_advantage
+            weighted = c * (weighted + terms)
+            terms = abs(delta) + c * terms
+            rest = U * 4 * (abs(r[t]) + abs(gamma * next_value) + abs(v[t])) + err[t] + c * rest
+            bound = U * (7 * weighted + roundings * terms) + rest
+            out[:, b, t] = torch.tensor([next_advantage, next_advantage + v[t], bound,
+                                         bound + U * (abs(next_advantage) + abs(v[t]))])
             next_value = v[t]
-            advantages[b][t], returns[b][t] = next_advantage, next_advantage + v[t]
-    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+    return out.unbind()
+
+
+def assert_within(actual, expected, bound):
+    """|actual - expected| <= bound elementwise (a bound of 0: exactly equal)."""
+    error = (actual.cpu().double() - expected).abs()
+    worst = (error - bound).argmax()
+    assert (error <= bound).all(), (f"off by {error.flatten()[worst]:.3g} at "
+                                    f"{[int(i) for i in torch.unravel_index(worst, error.shape)]}"
+                                    f", allowed {bound.flatten()[worst]:.3g}")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -361,17 +411,44 @@ GAMMA_LAM = [(1.0, 0.95), (0.9, 0.0), (0.99, 1.0)]  # the defaults; no bootstrap
 def test_gae(B, T, mask_dtype, gamma, lam):
     torch.manual_seed(0)
     lengths, mask, rewards, values = random_rollout(B, T, mask_dtype)
-    advantages64, returns64 = gae_fp64(rewards, values, lengths, gamma, lam)
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
+                                                                        gamma, lam)
     for fn in (gae, gae_ref, gae_doubling_ref):
         advantages, returns = fn(rewards, values, mask, gamma=gamma, lam=lam)
-        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
-        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+        assert_within(advantages, advantages64, advantages_bound)
+        assert_within(returns, returns64, returns_bound)
+
+
+def test_gae_tolerance_can_fail():
+    # The bound grows with T and gamma * lam; at the loosest case it must still catch what a
+    # chunked scan gets wrong: a carry dropped at a chunk boundary (step 1024), or the decay
+    # gamma where it should be gamma * lam.
+    torch.manual_seed(0)
+    lengths, mask, rewards, values = random_rollout(2, 1500, torch.bool)
+    advantages64, _, bound, _ = gae_fp64(rewards, values, lengths, 0.99, 1.0)
+    row = 1  # the full row
+    t = torch.arange(1024)
+    dropped = advantages64.clone()
+    dropped[row, :1024] -= 0.99 ** (1024 - t) * advantages64[row, 1024]
+    assert ((dropped - advantages64).abs() > bound).any()
+    advantages64, _, bound, _ = gae_fp64(rewards, values, lengths, 1.0, 0.95)
+    wrong_decay = gae_fp64(rewards, values, lengths, 1.0, 1.0)[0]
+    assert ((wrong_decay - advantages64).abs() > bound).any()
 
 
 def kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator):
     log_ratio = ref_logprobs.double() - logprobs.double()
     return {"k1": -log_ratio, "k2": log_ratio**2 / 2,
             "k3": log_ratio.exp() - 1 - log_ratio}[kl_estimator]
+
+
+def kl_estimate_bound(logprobs, ref_logprobs, kl_estimator):
+    # fp32 error of an estimator of log r = ref_logprobs - logprobs: one rounding of log r, then a
+    # few operations (k3: an exp, whose argument's rounding counts |log r| times); with K the
+    # size of its terms, <= 8u (1 + |log r|) K
+    log_ratio = (ref_logprobs.double() - logprobs.double()).abs()
+    size = {"k1": log_ratio, "k2": log_ratio**2, "k3": log_ratio.exp() + 1 + log_ratio}
+    return 8 * U * (1 + log_ratio) * size[kl_estimator]
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
@@ -382,18 +459,24 @@ def test_ppo_advantages(B, T, kl_estimator):
     ref_logprobs = torch.where(mask.bool(), logprobs + torch.randn_like(logprobs), 1e4)
     scores = torch.randn(B, device=DEVICE)
     kl_coef, gamma, lam = 0.05, 1.0, 0.95
-    kl64 = torch.where(mask.bool(), kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator), 0.0)
-    rewards64 = -kl_coef * kl64.cpu()
+    valid = mask.bool().cpu()
+    kl64 = torch.where(valid, kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator).cpu(), 0.0)
+    kl_bound = torch.where(valid, kl_estimate_bound(logprobs, ref_logprobs, kl_estimator).cpu(),
+                           0.0)
+    rewards64 = -kl_coef * kl64
     for b, n in enumerate(lengths.tolist()):
         if n > 0:
             rewards64[b, n - 1] += scores[b].item()
-    advantages64, returns64 = gae_fp64(rewards64, values, lengths, gamma, lam)
+    # the reward -kl_coef * kl (+ score) in fp32: kl's error, then a product and a sum
+    reward_error = kl_coef * kl_bound + U * (2 * kl_coef * kl64.abs() + rewards64.abs())
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(
+        rewards64, values, lengths, gamma, lam, reward_error)
     for fn in (ppo_advantages, ppo_advantages_ref):
         advantages, returns, kl = fn(scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef,
                                      gamma=gamma, lam=lam, kl_estimator=kl_estimator)
-        torch.testing.assert_close(kl.cpu().double(), kl64.cpu(), **FWD_TOL)
-        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
-        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+        assert_within(kl, kl64, kl_bound)
+        assert_within(advantages, advantages64, advantages_bound)
+        assert_within(returns, returns64, returns_bound)
 
 
 def test_ppo_advantages_rejects_an_unknown_estimator():
