@@ -17,6 +17,7 @@ GAE and ppo_advantages sum up to T terms that can cancel, so each output is held
 derived from its terms (above gae_fp64), not to a fixed tolerance.
 """
 
+import importlib
 import math
 
 import pytest
@@ -28,6 +29,8 @@ import kernels
 from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages, ppo_advantages_ref,
                      token_logprobs, token_logprobs_ref)
 from kernels.gae import gae_doubling_ref
+
+gae_module = importlib.import_module("kernels.gae")  # kernels.gae is the function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -227,6 +230,92 @@ def test_rows_view_reads_sliced_logits_in_place():
     rows = kernels._common.rows_view(full[:, 1:-1])  # as PPO slices the response's logits
     assert rows.shape == (2, 4, 7) and rows.data_ptr() == full[:, 1:].data_ptr()
     assert kernels._common.rows_view(full[0, 0]).shape == (1, 1, 7)
+    # a gradient in the same layout would be mostly gap here: the rows are copied, both dense
+    rows, grad = kernels._common.rows_and_grad(torch.randn(4, 2**17)[:, :5])
+    assert rows.is_contiguous() and grad.is_contiguous() and grad.shape == (1, 4, 5)
+
+
+def laid_out(lead, V, dtype, layout):
+    """Random logits (*lead, V) in one of the layouts the kernels read in place."""
+    if layout == "contiguous":
+        return random_logits(lead, V, dtype)
+    if layout == "padded":  # full[..., :V] of a vocabulary padded to a multiple of 128 (the model)
+        return random_logits(lead, -(-V // 128) * 128, dtype)[..., :V]
+    if layout == "shifted":  # rows that start 3 elements past a 16-byte boundary, stride V + 5
+        return random_logits(lead, V + 5, dtype)[..., 3:3 + V]
+    assert layout == "sliced"  # logits[:, :-1] as PPO takes them
+    return random_logits((lead[0], lead[1] + 1, *lead[2:]), V, dtype)[:, :-1]
+
+
+LAYOUTS = ["contiguous", "padded", "shifted", "sliced"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_args_claim_only_aligned_blocks(dtype, layout):
+    # The kernels tell the compiler (tl.multiple_of) that each whole block starts 16 bytes aligned,
+    # which the interpreter cannot check: a false claim would be a misaligned vector load on the
+    # GPU. Check every row's claim on the addresses, and that a gradient allocated by
+    # empty_rows_like is cut into the same blocks.
+    rows = kernels._common.rows_view(laid_out((3, 5), 37, dtype, layout))
+    base, offset, stride_b, stride_t, align = kernels._common.row_args(rows)
+    assert base.data_ptr() % 16 == 0 and align == 16 // rows.element_size()
+    size = rows.element_size()
+    for b in range(rows.shape[0]):
+        for t in range(rows.shape[1]):
+            start = offset + b * stride_b + t * stride_t  # row_start
+            assert base.data_ptr() + start * size == rows[b, t].data_ptr()
+            head = (align - start % align) % align  # row_blocks
+            assert (base.data_ptr() + (start + head) * size) % 16 == 0 and head < align
+    same, grad = kernels._common.rows_and_grad(rows)
+    assert same.data_ptr() == rows.data_ptr() and same.stride() == rows.stride()  # not copied
+    assert grad.shape == rows.shape and grad.stride() == rows.stride()
+    assert kernels._common.row_args(grad)[1:] == (offset, stride_b, stride_t, align)
+
+
+def test_kl_full_claims_reference_alignment_only_when_true():
+    full = random_logits((2, 3), 40, torch.bfloat16)
+    for ref, aligned in ((full[..., :37], True), (random_logits((2, 3), 37, torch.bfloat16), False),
+                         (full[..., 3:40], False), (full[..., 8:], True),
+                         (full[..., :37].float(), False)):
+        flags = kernels.kl._launch_args(*map(kernels._common.rows_view, (full[..., :37], ref)))[2]
+        assert flags["REF_ALIGNED"] == aligned
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("V", [15, 16, 17, 40])
+def test_rows_in_every_layout_and_around_a_block(monkeypatch, V, layout):
+    # Blocks of 16 columns: V below, at and just past one block, and two whole blocks with a head
+    # and a tail; the layouts the model passes (rows in a padded buffer, sliced rows, rows whose
+    # start is not aligned, so that they begin with a head). One dtype each, by turns; the
+    # reference logits of kl_full in the next layout, so that its blocks are sometimes aligned
+    # with the policy's and sometimes not.
+    for module in (kernels.logprobs, kernels.kl):
+        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", 16)
+    i = LAYOUTS.index(layout)
+    dtype = DTYPES[(V + i) % len(DTYPES)]
+    torch.manual_seed(V + i)
+    logits = laid_out((2, 3), V, dtype, layout)
+    targets = torch.randint(0, V, (2, 3), device=DEVICE)
+    check_token_logprobs(logits, targets, 0.7)
+    check_kl_full(logits, laid_out((2, 3), V, dtype, LAYOUTS[(i + 1) % len(LAYOUTS)]), 0.7)
+    # the gradient comes back in the logits' own layout: same strides, so the same blocks
+    x = logits.detach().requires_grad_()
+    grad, = torch.autograd.grad(token_logprobs(x, targets).sum(), x)
+    assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_V"] for c in kernels.logprobs.CONFIGS}))
+def test_every_gpu_block_size(monkeypatch, block):
+    # a GPU autotunes over these blocks; under the interpreter each runs here once, on rows with a
+    # head, two whole blocks and a tail
+    for module in (kernels.logprobs, kernels.kl):
+        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", block)
+    V = 2 * block + 21
+    torch.manual_seed(0)
+    logits = laid_out((2,), V, torch.bfloat16, "shifted")
+    check_token_logprobs(logits, torch.randint(0, V, (2,), device=DEVICE), 0.7)
+    check_kl_full(logits, laid_out((2,), V, torch.bfloat16, "shifted"), 0.7, fns=(kl_full,))
 
 
 def test_shift_invariant():
@@ -417,6 +506,30 @@ def test_gae(B, T, mask_dtype, gamma, lam):
         advantages, returns = fn(rewards, values, mask, gamma=gamma, lam=lam)
         assert_within(advantages, advantages64, advantages_bound)
         assert_within(returns, returns64, returns_bound)
+
+
+def test_gae_in_short_chunks(monkeypatch):
+    # chunks of 16 steps: many carries from one chunk to the one before, in gae and ppo_advantages
+    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", 16)
+    test_gae(4, 37, torch.bool, 1.0, 0.95)
+    test_gae(2, 1500, torch.bool, 0.99, 1.0)
+    test_ppo_advantages(4, 37, "k3")
+
+
+@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_T"] for c in gae_module.CONFIGS}))
+def test_gae_every_gpu_chunk(monkeypatch, block):
+    # a GPU autotunes over these chunk lengths; under the interpreter each runs here once, over
+    # a chunk and a bit (one row, T one past the chunk)
+    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", block)
+    torch.manual_seed(0)
+    T = block + 1
+    lengths = torch.tensor([T])
+    rewards, values = torch.randn(2, 1, T, device=DEVICE)
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
+                                                                        1.0, 0.95)
+    advantages, returns = gae(rewards, values, torch.ones(1, T, device=DEVICE), gamma=1.0, lam=0.95)
+    assert_within(advantages, advantages64, advantages_bound)
+    assert_within(returns, returns64, returns_bound)
 
 
 def test_gae_tolerance_can_fail():
