@@ -1,27 +1,71 @@
-"""What the kernel files share: the choice between Triton and the PyTorch reference, block sizes
-(autotuned on a GPU), and reading (..., V) logits as rows in place with wide, aligned loads."""
+"""What the kernel files share: Triton itself (or a stand-in where it is not installed), the
+choice between Triton and the PyTorch reference, block sizes (autotuned on a GPU), and reading
+(..., V) logits as rows in place with wide, aligned loads."""
 
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # macOS, for one, has no triton wheel: there the references run
+    HAVE_TRITON = False
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, that is when kernels/ is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+NO_TRITON = ("MINRLHF_KERNELS=triton, but Triton is not installed: it has wheels for Linux only "
+             "(`pip install triton` there); unset MINRLHF_KERNELS to run the PyTorch references.")
+
+
+class _NoTriton:
+    """Stands in for both `triton` and `triton.language` when Triton is not installed, so that each
+    kernel file still reads as plain Triton (`@triton.jit`, `BLOCK: tl.constexpr`, a list of
+    `triton.Config`) and still imports: the decorators hand back the undecorated functions. One
+    shim here instead of an `if HAVE_TRITON:` around every kernel. Nothing is ever launched without
+    Triton: use_triton() answers False, or raises NO_TRITON, before any launcher runs."""
+
+    @staticmethod
+    def constexpr(value=None):
+        return value
+
+    @staticmethod
+    def jit(fn):
+        return fn
+
+    @staticmethod
+    def Config(kwargs, **options):
+        return dict(kwargs, **options)
+
+    @staticmethod
+    def autotune(**kwargs):
+        return lambda fn: fn
+
+    @staticmethod
+    def heuristics(values):
+        return lambda fn: fn
+
+
+if not HAVE_TRITON:
+    triton = tl = _NoTriton()
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """True when an op on `x` should run its Triton kernel rather than its PyTorch reference.
 
-    MINRLHF_KERNELS=triton or =torch forces either; unset, CUDA tensors get Triton and CPU tensors
-    the reference. Read on every call so that a test can switch it with monkeypatch.
+    MINRLHF_KERNELS=triton or =torch forces either; unset, CUDA tensors get Triton (where it is
+    installed) and CPU tensors the reference. Read on every call so that a test can switch it with
+    monkeypatch.
     """
     choice = os.environ.get("MINRLHF_KERNELS", "")
     if choice not in ("", "triton", "torch"):
         raise ValueError(f"MINRLHF_KERNELS must be 'triton', 'torch' or unset, not {choice!r}")
-    if choice == "torch" or (choice == "" and not x.is_cuda):
+    if choice == "torch" or (choice == "" and not (x.is_cuda and HAVE_TRITON)):
         return False
+    if not HAVE_TRITON:
+        raise RuntimeError(NO_TRITON)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, "
                            "set before `kernels` is imported")

@@ -15,7 +15,7 @@ Shapes: token_logprobs and kl_full at N = 16384 tokens, V = 50257 (GPT-2) and 12
 bf16 logits, forward and forward + backward; gae and ppo_advantages at B = 512, T = 2048, fp32.
 The GAE references are the Python loop over T (gae_ref) and the best vectorised PyTorch we have
 (gae_doubling_ref); torch.compile gets the vectorised one, since the loop would unroll 2048 steps.
-Without a GPU it says so and exits 0.
+Without a GPU, or without Triton, it says so and exits 0.
 """
 
 import argparse
@@ -24,9 +24,9 @@ import os
 import sys
 
 import torch
-import triton
 
 import kernels
+from kernels._common import HAVE_TRITON, triton
 from kernels.gae import gae_doubling_ref
 
 N_TOKENS, VOCABS = 16384, (50257, 128256)
@@ -203,6 +203,10 @@ def main():
     parser = argparse.ArgumentParser(description="Time the Triton kernels against PyTorch.")
     parser.add_argument("--op", choices=sorted(CASES), help="only this op (default: all)")
     args = parser.parse_args()
+    if not HAVE_TRITON:
+        print("kernels.bench: Triton is not installed, and the benchmark times Triton kernels; "
+              "nothing to run.")
+        return 0
     if not torch.cuda.is_available():
         print("kernels.bench: no CUDA GPU on this machine, and the benchmark times GPU kernels; "
               "nothing to run.")
