@@ -9,10 +9,11 @@ same for y, per row
 The forward reads both rows once in blocks, keeping running maxima and sums for both (the online
 softmax, and the aligned blocks, of logprobs.py) and u, rescaled whenever a max grows. Every
 difference is taken relative to the maxima, never through lse = m + log s or z - y: at logits of
-1e4 the fp32 spacing is 1e-3, which would swamp a small KL between two large, nearly equal rows. And differences are
-taken in the logits' own units, scaled by 1/T only after, as logprobs.py explains: the version that
-divided first gave KL(p || p), exactly 0 with gradient 0, gradients up to 5e-4 on an H100 at
-T = 0.7; here (z - m) - (y - ref_m) is exactly 0 when z == y, whatever the compiler does.
+1e4 the fp32 spacing is 1e-3, which would swamp a small KL between two large, nearly equal rows.
+And differences are taken in the logits' own units, scaled by 1/T only after, as logprobs.py
+explains: the version that divided first gave KL(p || p), exactly 0 with gradient 0, gradients up
+to 5e-4 on an H100 at T = 0.7; here (z - m) - (y - ref_m) is exactly 0 when z == y, whatever the
+compiler does.
 """
 
 import torch
