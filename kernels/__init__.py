@@ -6,9 +6,11 @@ tensors and its PyTorch reference (`*_ref`, same file) on CPU ones; MINRLHF_KERN
 
 from kernels.gae import gae, gae_ref, ppo_advantages, ppo_advantages_ref
 from kernels.kl import kl_full, kl_full_ref
+from kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
 from kernels.logprobs import token_logprobs, token_logprobs_ref
 
 __all__ = [
     "token_logprobs", "token_logprobs_ref", "kl_full", "kl_full_ref",
-    "gae", "gae_ref", "ppo_advantages", "ppo_advantages_ref",
+    "gae", "gae_ref", "ppo_advantages", "ppo_advantages_ref", "linear_logprobs",
+    "linear_logprobs_ref",
 ]

@@ -34,7 +34,9 @@ from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages,  # noqa
                      ppo_advantages_ref, token_logprobs, token_logprobs_ref)
 from kernels.gae import gae_doubling_ref  # noqa: E402
 
-gae_module = importlib.import_module("kernels.gae")  # kernels.gae is the function
+# kernels.gae and kernels.linear_logprobs are the functions; these are their modules
+gae_module = importlib.import_module("kernels.gae")
+linear_module = importlib.import_module("kernels.linear_logprobs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -481,6 +483,150 @@ def test_backward_peak_memory_on_gpu(op):
     torch.cuda.synchronize()
     grad_bytes = grad.numel() * grad.element_size()
     assert torch.cuda.max_memory_allocated() - before <= grad_bytes + 2**20
+
+
+# ---- linear_logprobs -------------------------------------------------------------------------
+
+# Its tolerances, from a bound like GAE's (u is fp32's unit roundoff, u_c the compute dtype's):
+#   - the fp32 logits sum H exact products, so they are off by <= Delta = H u sum_k |h_k w_k| (per
+#     row, the max over the vocabulary): the log-prob by <= 2 Delta / T and the entropy by
+#     <= (2 |entropy| + 2) Delta / T, beyond the fp32 softmax's own 1e-5 (FWD_TOL);
+#   - p is then off relatively by <= eps = 3 Delta / T + (V + 16) u (the logits, a sum of V
+#     exponentials, an exp, a log), so d loss / d logits by <= (|g_lp| + |g_h| (|log p + H| + 2))
+#     p eps / T, before its one rounding to the compute dtype (u_c relatively: the unfused path
+#     rounds the gradient of its bf16 logits the same way);
+#   - d hidden = dlogits @ weight carries those errors times |weight|, V u of fp32 accumulation,
+#     and a rounding to hidden's dtype (u_c); d weight the same with hidden and N.
+# A missing temperature factor, a transposed operand or a dropped chunk is off by the gradient
+# itself, far beyond these.
+# u_c for bf16 is a whole unit in the last place: the interpreter rounds fp32 to bf16 towards zero
+# (a GPU to nearest, half that).
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+
+
+def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3):
+    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above.
+    The weight goes in as the first V rows of a (V + pad, H) leaf, as the model passes its padded
+    lm_head. With autocast_dtype, the inputs go in under torch.autocast and the truth is computed
+    from them rounded to that dtype."""
+    dtype = autocast_dtype or hidden.dtype
+    u_c = UNIT_ROUNDOFF[dtype]
+    H, V = hidden.shape[-1], weight.shape[0]
+    # the truth, from the inputs as the kernel multiplies them
+    h64 = hidden.detach().to(dtype).double().requires_grad_()
+    w64 = weight.detach().to(dtype).double().requires_grad_()
+    logits64 = h64 @ w64.T
+    logits64.retain_grad()
+    lp64, ent64 = logprobs_fp64(logits64, targets, temperature)
+    w_lp, w_h = torch.randn(2, *targets.shape, device=DEVICE, dtype=torch.float64)
+    (lp64 * w_lp + ent64 * w_h).sum().backward()
+    lp64, ent64 = lp64.detach(), ent64.detach()
+    # the bounds
+    logp = torch.log_softmax(logits64.detach() / temperature, -1)
+    delta = H * U * (h64.detach().abs() @ w64.detach().abs().T).amax(-1)  # (...)
+    eps = 3 * delta / temperature + (V + 16) * U
+    gains = w_lp.abs()[..., None] + w_h.abs()[..., None] * (2 + (logp + ent64[..., None]).abs())
+    dlogits_error = (gains * logp.exp() * eps[..., None] / temperature
+                     + u_c * logits64.grad.abs()).reshape(-1, V)
+    dlogits_size = logits64.grad.abs().reshape(-1, V)
+    abs_h, abs_w = h64.detach().abs().reshape(-1, H), w64.detach().abs()
+    grad_h_bound = ((dlogits_error @ abs_w + V * U * (dlogits_size @ abs_w)).view(hidden.shape)
+                    + u_c * h64.grad.abs())
+    grad_w_bound = (dlogits_error.T @ abs_h + len(abs_h) * U * (dlogits_size.T @ abs_h)
+                    + u_c * w64.grad.abs())
+    # the kernel
+    x = hidden.detach().requires_grad_()
+    w_full = torch.cat([weight.detach(), torch.randn(pad, H, device=DEVICE).to(weight.dtype)])
+    w_full.requires_grad_()
+    with torch.autocast(DEVICE, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        lp, ent = kernels.linear_logprobs(x, w_full[:V], targets, temperature=temperature,
+                                          return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == targets.shape
+    assert_within(lp, lp64, 1e-5 + 1e-5 * lp64.abs() + 2 * delta / temperature)
+    assert_within(ent, ent64,
+                  1e-5 + 1e-5 * ent64.abs() + (2 * ent64.abs() + 2) * delta / temperature)
+    grad_h, grad_w = torch.autograd.grad((lp * w_lp + ent * w_h).sum(), (x, w_full))
+    assert grad_h.dtype == hidden.dtype and grad_w.dtype == weight.dtype
+    assert_within(grad_h, h64.grad, grad_h_bound)
+    assert_within(grad_w[:V], w64.grad, grad_w_bound)
+    assert not grad_w[V:].any()  # the pad rows are in no softmax
+
+
+def linear_inputs(lead, H, V, dtype):
+    hidden = torch.randn(*lead, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 0.3).to(dtype)
+    return hidden, weight, torch.randint(0, V, lead, device=DEVICE)
+
+
+@over_dtypes_and_temperatures
+def test_linear_logprobs(dtype, temperature):
+    # N, H and V not multiples of the interpreter's 16-wide tiles; V over three vocabulary splits
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature)
+
+
+@pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 33)])
+def test_linear_logprobs_shapes(lead, H, V):
+    # V = 1 (log-prob and entropy 0, no gradient); one row; hidden (..., H) with three leading
+    # dims and two splits of the vocabulary, the third empty
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_logprobs_in_chunks(monkeypatch, dtype):
+    # backward chunks of 32 columns, five of them: d hidden adds up over the chunks, in an fp32
+    # accumulator for 16-bit hidden states, in the gradient itself for fp32 ones
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 21 * 32 * dtype.itemsize)
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 131, dtype), 0.7)
+
+
+def test_linear_logprobs_under_autocast():
+    # the model's call: fp32 hidden states (LayerNorm output) and an fp32 weight under bf16
+    # autocast, multiplied in bf16 as F.linear would, their gradients fp32
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, torch.float32), 0.7,
+                          autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", range(len(linear_module.FWD_CONFIGS)))
+def test_linear_logprobs_every_gpu_tile(monkeypatch, tiles):
+    # a GPU autotunes over these tiles; under the interpreter each runs here once
+    monkeypatch.setattr(linear_module, "INTERPRET_TILES", {
+        **linear_module.FWD_CONFIGS[tiles].kwargs, **linear_module.GRAD_CONFIGS[tiles].kwargs})
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 72, 67, torch.bfloat16), 0.7)
+
+
+def test_linear_logprobs_holds_no_logits(monkeypatch):
+    # Forward and backward create no tensor of N * V elements or more (N = 20, V = 300; the
+    # weight and its gradient are 300 * 16): the backward's chunk is 64 columns here. The
+    # reference, which makes the logits, fails the check: it can fail.
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    for fn, ok in ((kernels.linear_logprobs, True), (kernels.linear_logprobs_ref, False)):
+        with NewTensors() as record:
+            lp, ent = fn(hidden, weight, targets, temperature=0.7, return_entropy=True)
+            torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+        assert (max(n for n, _ in record.made) < 20 * 300) == ok
+
+
+def test_linear_logprobs_follows_the_dispatch(monkeypatch):
+    # MINRLHF_KERNELS=torch runs the reference (on a GPU too); unset, CPU tensors get it
+    hidden, weight, targets = linear_inputs((5,), 8, 11, torch.float32)
+    expected = kernels.linear_logprobs_ref(hidden, weight, targets, temperature=0.7)
+    monkeypatch.setenv("MINRLHF_KERNELS", "torch")
+    assert torch.equal(kernels.linear_logprobs(hidden, weight, targets, temperature=0.7), expected)
+    monkeypatch.delenv("MINRLHF_KERNELS")
+    assert torch.equal(kernels.linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu(),
+                                               temperature=0.7), expected.cpu())
 
 
 # ---- gae and ppo_advantages ------------------------------------------------------------------

@@ -23,6 +23,7 @@ ref_logits = torch.randn(2, 3, 11)
 targets = torch.randint(0, 11, (2, 3))
 values, rewards = torch.randn(2, 2, 5)
 mask = torch.arange(5) < torch.tensor([[3], [5]])
+hidden, weight = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
 calls = {  # each public function beside its reference
     "token_logprobs": (lambda f: f(logits, targets, temperature=0.7, return_entropy=True),
                        kernels.token_logprobs, kernels.token_logprobs_ref),
@@ -32,6 +33,8 @@ calls = {  # each public function beside its reference
     "ppo_advantages": (lambda f: f(rewards[:, 0], rewards, values, values, mask, kl_coef=0.1,
                                    gamma=1.0, lam=0.95),
                        kernels.ppo_advantages, kernels.ppo_advantages_ref),
+    "linear_logprobs": (lambda f: f(hidden, weight, targets, temperature=0.7, return_entropy=True),
+                        kernels.linear_logprobs, kernels.linear_logprobs_ref),
 }
 for name, (call, fn, ref) in calls.items():
     outputs, expected = call(fn), call(ref)
