@@ -107,21 +107,29 @@ def measure(providers, returned_bytes=0):
     return results
 
 
-def run_case(title, nbytes, providers, bandwidth):
-    """Times the providers and prints one table, rated by the bytes the op must move."""
-    results = measure(providers)
-    print(f"\n{title}   ({nbytes / GB:.2f} GB moved at least)")
-    print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{'GB/s':>9}{'of copy':>9}"
+def print_table(title, rate_names, rates, results):
+    """One table of measure()'s results: provider, ms, speedup of Triton over it, two rate columns
+    (rates(ms) gives their two values), peak MiB and max |diff|."""
+    print(f"\n{title}")
+    print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{rate_names[0]:>9}{rate_names[1]:>9}"
           f"{'peak MiB':>10}{'max |diff|':>12}")
     triton_ms = results[0][1] or float("nan")
     for name, ms, peak, diff in results:
         if ms is None:
             print(f"{name:<26}{'out of memory':>14}")
             continue
-        gbps = nbytes / (ms * 1e-3) / GB
         diff = "-" if diff is None else f"{diff:.2e}"
-        print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{gbps:>9.0f}{gbps / bandwidth:>9.0%}"
+        print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{rates(ms)[0]:>9}{rates(ms)[1]:>9}"
               f"{peak:>10.0f}{diff:>12}")
+
+
+def run_case(title, nbytes, providers, bandwidth):
+    """Times the providers and prints one table, rated by the bytes the op must move."""
+    def rates(ms):
+        gbps = nbytes / (ms * 1e-3) / GB
+        return f"{gbps:.0f}", f"{gbps / bandwidth:.0%}"
+    print_table(f"{title}   ({nbytes / GB:.2f} GB moved at least)", ("GB/s", "of copy"), rates,
+                measure(providers))
 
 
 def logprob_cases(bandwidth):
@@ -244,19 +252,11 @@ def linear_cases(bandwidth):
         results = measure({name: forward_backward(op, hidden, weight)
                            for name, op in providers.items()},
                           returned_bytes=(hidden.numel() + weight.numel()) * 2)
-        print(f"\nlinear_logprobs forward + backward, N={N} H={H} V={V} bf16   (floor: 4 matmuls "
-              f"of {matmul_ms:.3f} ms = {4 * matmul_ms:.2f} ms)")
-        print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{'TFLOP/s':>9}{'x floor':>9}"
-              f"{'peak MiB':>10}{'max |diff|':>12}")
-        triton_ms = results[0][1] or float("nan")
-        for name, ms, peak, diff in results:
-            if ms is None:
-                print(f"{name:<26}{'out of memory':>14}")
-                continue
-            tflops = 8 * N * H * V / (ms * 1e-3) / 1e12  # 4 matmuls of 2NHV flops
-            diff = "-" if diff is None else f"{diff:.2e}"
-            print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{tflops:>9.0f}"
-                  f"{ms / (4 * matmul_ms):>9.2f}{peak:>10.0f}{diff:>12}")
+        def rates(ms):  # 4 matmuls of 2NHV flops; the floor is 4 of cuBLAS's
+            return f"{8 * N * H * V / (ms * 1e-3) / 1e12:.0f}", f"{ms / (4 * matmul_ms):.2f}"
+        print_table(f"linear_logprobs forward + backward, N={N} H={H} V={V} bf16   (floor: "
+                    f"4 matmuls of {matmul_ms:.3f} ms = {4 * matmul_ms:.2f} ms)",
+                    ("TFLOP/s", "x floor"), rates, results)
         del hidden, weight, targets, compiled, providers
         torch.cuda.empty_cache()
 

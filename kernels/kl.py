@@ -30,6 +30,21 @@ def _interpret_block(args):
 
 
 @triton.jit
+def _aligned_block(logits_ptr, ref_ptr, start, ref_start, col0, ALIGN: tl.constexpr,
+                   REF_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
+    # A whole block of both rows from column col0, unmasked, which starts 16-byte aligned in the
+    # policy's row (row_blocks) and, when REF_ALIGNED, in the reference's: its offsets in the
+    # policy's base (where the gradient goes too), z and y.
+    block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+    ref_block = ref_start + col0
+    if REF_ALIGNED:
+        ref_block = tl.multiple_of(ref_block, ALIGN)
+    z = tl.load(logits_ptr + block).to(tl.float32)
+    y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
+    return block, z, y
+
+
+@triton.jit
 def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     # One block of both rows: z, y (BLOCK_V,) fp32, in_row False in masked lanes (their values
     # are 0 and must not count). Returns the running maxima and sums at the new maxima.
@@ -67,13 +82,8 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
-        col0 = head + i * BLOCK_V
-        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
-        ref_block = ref_start + col0
-        if REF_ALIGNED:
-            ref_block = tl.multiple_of(ref_block, ALIGN)
-        z = tl.load(logits_ptr + block).to(tl.float32)
-        y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
+        _, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V, ALIGN,
+                                 REF_ALIGNED, BLOCK_V)
         m, ref_m, s, ref_s, u = _fwd_update(z, y, tl.full((BLOCK_V,), True, tl.int1), m, ref_m,
                                             s, ref_s, u, inv_temperature)
     for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
@@ -118,13 +128,8 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     out_ty = grad_logits_ptr.dtype.element_ty
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
-        col0 = head + i * BLOCK_V
-        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
-        ref_block = ref_start + col0
-        if REF_ALIGNED:
-            ref_block = tl.multiple_of(ref_block, ALIGN)
-        z = tl.load(logits_ptr + block).to(tl.float32)
-        y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
+        block, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V,
+                                     ALIGN, REF_ALIGNED, BLOCK_V)
         grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
         tl.store(grad_logits_ptr + block, grad.to(out_ty))
     for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
