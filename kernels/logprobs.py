@@ -20,18 +20,21 @@ vocabulary, logits[:, :-1]) are read in place, and the gradient is written in th
 layout, so that its blocks are aligned where theirs are.
 
 Differences first, the temperature after. At logits of 1e4 and T = 0.7, x = z / T is ~14286,
-where fp32 values are 2**-10 ~ 1e-3 apart. An earlier version computed x first and x - m after;
-its gradient at the max (exactly 0 there) relied on x_target, the running max m and the backward's
-recomputed x at the same column being the same float, which the interpreter (numpy, IEEE division,
-no fused multiply-add) guarantees and compiled code does not: on an H100 the gradient was up to
-8e-4 off at T = 0.7 only. Compiled Triton divides tensors with an approximate instruction
-(div.full.f32, which differs from IEEE division on 9% of values there), a scalar division can be
-lowered to a different one, and the compiler may fuse a product into the subtraction after it;
-any of these makes one value round two ways, and one ulp of x is e^(-1e-3) ~ 0.999 for p at the
-max. Here what must be exactly 0 at the max, z_target - m, is the difference of two loaded values:
-an IEEE subtraction with no product before it to fuse, the same in scalar and vector code, forward
-and backward. The scale comes after, as a product with one reciprocal computed on the host (no
-division by T anywhere), so its rounding is relative to the difference, not to the logit.
+where fp32 values are 2**-10 ~ 1e-3 apart. An earlier version computed x first and subtracted the
+max after. On an H100 its gradients at T = 0.7 were off by up to 8e-4 where the exact ones are 0
+(at T = 1, where x = z exactly, they were right), while the interpreter, which rounds every
+operation once (numpy), passed. The forward was right and the backward wrong; and kl_full(z, z),
+whose x and y go through the same code on the same values, got a nonzero gradient. No division
+that rounds each quotient one fixed way, IEEE or approximate (compiled Triton's tensor `/` is
+div.full.f32, which differs from IEEE div.rn.f32 on 9% of values there), can do that: the same
+quotient must have been rounded at one use and not at another. ptxas may fuse the multiply that
+ends a division into the subtraction after it (x - m as one FMA), per use and per kernel; then
+x - m at the max is 0 in one place and the quotient's rounding error (up to half an ulp, 5e-4) in
+another, and p = exp(5e-4) at the max is the error seen. Here what must be exactly 0 at the max,
+z_target - m (and kl.py's (z - m) - (y - ref_m)), is a difference of loaded values: no product
+before it to fuse, no division, the same bits in every kernel and in scalar or vector code. One
+reciprocal 1/T, computed on the host, multiplies the differences after, where fusing or not
+changes a result by a rounding of the difference (0 at the max), not of the logit.
 test_shift_invariant checks it: logits + 4096 give the same bits as the logits.
 """
 
