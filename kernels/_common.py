@@ -134,6 +134,7 @@ def rows_and_grad(x: torch.Tensor):
     offset = (rows.data_ptr() % WIDE) // rows.element_size()
     storage = torch.empty(offset + extent * (rows.numel() > 0), dtype=rows.dtype,
                           device=rows.device)
+    assert storage.data_ptr() % WIDE == 0, "PyTorch's allocators align to 64 bytes or more"
     return rows, storage.as_strided(rows.shape, rows.stride(), offset)
 
 
@@ -152,8 +153,9 @@ def row_blocks(start, V, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     rest_columns. A mask such as `cols < V` on every load, with V = 50257 (not a multiple of the
     vector width), would make every load a scalar one."""
     head = (ALIGN - start % ALIGN) % ALIGN
-    n_full = tl.maximum(V - head, 0) // BLOCK  # max: // of a negative number rounds differently
-    return head, n_full                         # in the interpreter (numpy) than on the GPU
+    # maximum: // of a negative number rounds down in the interpreter (numpy), to 0 on the GPU
+    n_full = tl.maximum(V - head, 0) // BLOCK
+    return head, n_full
 
 
 @triton.jit
