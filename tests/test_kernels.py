@@ -566,10 +566,10 @@ def test_linear_logprobs(dtype, temperature):
     check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature)
 
 
-@pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 33)])
+@pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 50)])
 def test_linear_logprobs_shapes(lead, H, V):
     # V = 1 (log-prob and entropy 0, no gradient); one row; hidden (..., H) with three leading
-    # dims and two splits of the vocabulary, the third empty
+    # dims, and V = 50 in four tiles over three splits of two tiles: the third split is empty
     torch.manual_seed(0)
     check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7)
 
