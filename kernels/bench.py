@@ -1,7 +1,8 @@
 """Times each kernel against its PyTorch reference, eager and under torch.compile, on a GPU.
 
     python -m kernels.bench                  # every op
-    python -m kernels.bench --op gae         # one op (token_logprobs, kl_full, gae, ppo_advantages)
+    python -m kernels.bench --op gae         # one op (token_logprobs, kl_full, gae, ppo_advantages,
+                                             #   linear_logprobs)
     python -m kernels.bench | tee benchmarks/kernels-$(date +%F).txt
 
 For each op and shape it prints, per provider: the median time of triton.testing.do_bench (ms),
@@ -15,7 +16,9 @@ Shapes: token_logprobs and kl_full at N = 16384 tokens, V = 50257 (GPT-2) and 12
 bf16 logits, forward and forward + backward; gae and ppo_advantages at B = 512, T = 2048, fp32.
 The GAE references are the Python loop over T (gae_ref) and the best vectorised PyTorch we have
 (gae_doubling_ref); torch.compile gets the vectorised one, since the loop would unroll 2048 steps.
-Without a GPU it says so and exits 0.
+linear_logprobs at N, H, V = 16384, 768, 50257 and 8192, 4096, 128256, bf16, forward + backward,
+rated in TFLOP/s against its matmul floor instead of GB/s (see linear_cases).
+Without a GPU, or without Triton, it says so and exits 0.
 """
 
 import argparse
@@ -24,13 +27,14 @@ import os
 import sys
 
 import torch
-import triton
 
 import kernels
+from kernels._common import HAVE_TRITON, triton
 from kernels.gae import gae_doubling_ref
 
 N_TOKENS, VOCABS = 16384, (50257, 128256)
 B, T = 512, 2048
+LINEAR_SHAPES = ((16384, 768, 50257), (8192, 4096, 128256))  # (N, H, V): GPT-2 small, Llama 3 8B
 DEVICE = "cuda"
 GB = 1e9
 
@@ -67,26 +71,28 @@ def max_abs_diff(a, b):
     return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
 
 
-def forward_backward(op, logits):
-    """fn() running op(logits) and the gradient of the sum of its outputs w.r.t. the logits."""
-    logits = logits.detach().requires_grad_()
+def forward_backward(op, *inputs):
+    """fn() running op(*inputs) and the gradients of the sum of its outputs w.r.t. the inputs."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
 
     def fn():
-        out = op(logits)
+        out = op(*inputs)
         loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
-        return torch.autograd.grad(loss, logits)
+        return torch.autograd.grad(loss, inputs)
     return fn
 
 
-def run_case(title, nbytes, providers, bandwidth):
-    """Times each provider (name -> fn()) and prints one table. The first provider is Triton, the
-    second the eager reference that every output is compared with."""
+def measure(providers, returned_bytes=0):
+    """Times each provider (name -> fn()): [name, ms, peak MiB, max |diff|] each, None for ms and
+    peak where it ran out of memory. The first provider is Triton, the second the eager reference
+    that every output is compared with. returned_bytes (the gradients an op must return) are not
+    counted in the peak."""
     results, outputs = [], []  # (name, ms, peak MiB, max |diff|); Triton's and the reference's
     for i, (name, fn) in enumerate(providers.items()):
         try:
             out = first_output(fn())
             ms = triton.testing.do_bench(fn, return_mode="median")
-            peak = peak_mib(fn)
+            peak = peak_mib(fn) - returned_bytes / 2**20
         except torch.cuda.OutOfMemoryError:
             out = ms = peak = None
             torch.cuda.empty_cache()
@@ -98,19 +104,32 @@ def run_case(title, nbytes, providers, bandwidth):
         del out
     if all(out is not None for out in outputs):
         results[0][3], results[1][3] = max_abs_diff(*outputs), 0.0
-    del outputs
-    print(f"\n{title}   ({nbytes / GB:.2f} GB moved at least)")
-    print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{'GB/s':>9}{'of copy':>9}"
+    return results
+
+
+def print_table(title, rate_names, rates, results):
+    """One table of measure()'s results: provider, ms, speedup of Triton over it, two rate columns
+    (rates(ms) gives their two values), peak MiB and max |diff|."""
+    print(f"\n{title}")
+    print(f"{'provider':<26}{'ms':>10}{'speedup':>10}{rate_names[0]:>9}{rate_names[1]:>9}"
           f"{'peak MiB':>10}{'max |diff|':>12}")
     triton_ms = results[0][1] or float("nan")
     for name, ms, peak, diff in results:
         if ms is None:
             print(f"{name:<26}{'out of memory':>14}")
             continue
-        gbps = nbytes / (ms * 1e-3) / GB
         diff = "-" if diff is None else f"{diff:.2e}"
-        print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{gbps:>9.0f}{gbps / bandwidth:>9.0%}"
+        print(f"{name:<26}{ms:>10.3f}{ms / triton_ms:>10.2f}{rates(ms)[0]:>9}{rates(ms)[1]:>9}"
               f"{peak:>10.0f}{diff:>12}")
+
+
+def run_case(title, nbytes, providers, bandwidth):
+    """Times the providers and prints one table, rated by the bytes the op must move."""
+    def rates(ms):
+        gbps = nbytes / (ms * 1e-3) / GB
+        return f"{gbps:.0f}", f"{gbps / bandwidth:.0%}"
+    print_table(f"{title}   ({nbytes / GB:.2f} GB moved at least)", ("GB/s", "of copy"), rates,
+                measure(providers))
 
 
 def logprob_cases(bandwidth):
@@ -195,14 +214,65 @@ def ppo_advantages_cases(bandwidth):
         "torch.compile (doubling)": lambda: compiled(*args, **kw)}, bandwidth)
 
 
+def linear_cases(bandwidth):
+    """linear_logprobs forward + backward (both gradients) at the two shapes of its goals, against
+    the lm_head matmul followed by token_logprobs (eager, compiled, and the Triton kernel), and
+    Liger-Kernel's fused linear cross entropy and Cut Cross-Entropy where they import (their
+    -loss per token is the log-prob; CCE filtered skips small gradient tiles, CCE exact does not).
+    The op's floor is four matmuls of the logits' size (forward, one recompute, two gradients),
+    timed here as four times cuBLAS's hidden @ weight.T. 'peak MiB' leaves out the two gradients,
+    which every provider returns: what is left is scratch."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception:  # not installed, or its API moved
+        liger_fused_linear_cross_entropy = None
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception:
+        linear_cross_entropy = None
+    for N, H, V in LINEAR_SHAPES:
+        hidden = (torch.randn(N, H, device=DEVICE) * 0.5).to(torch.bfloat16)
+        weight = (torch.randn(V, H, device=DEVICE) * 0.02).to(torch.bfloat16)
+        targets = torch.randint(0, V, (N,), device=DEVICE)
+        compiled = torch.compile(kernels.linear_logprobs_ref)
+        providers = {
+            "triton": lambda h, w: kernels.linear_logprobs(h, w, targets),
+            "matmul + torch": lambda h, w: kernels.linear_logprobs_ref(h, w, targets),
+            "torch.compile": lambda h, w: compiled(h, w, targets),
+            "matmul + triton": lambda h, w: kernels.token_logprobs(h @ w.T, targets)}
+        if liger_fused_linear_cross_entropy is not None:
+            providers["liger FLCE"] = lambda h, w: -liger_fused_linear_cross_entropy(
+                h, w, targets, reduction="none")
+        if linear_cross_entropy is not None:
+            providers["CCE filtered"] = lambda h, w: -linear_cross_entropy(
+                h, w, targets, reduction="none")
+            providers["CCE exact"] = lambda h, w: -linear_cross_entropy(
+                h, w, targets, reduction="none", filter_eps=None)
+        matmul_ms = triton.testing.do_bench(lambda: hidden @ weight.T, return_mode="median")
+        results = measure({name: forward_backward(op, hidden, weight)
+                           for name, op in providers.items()},
+                          returned_bytes=(hidden.numel() + weight.numel()) * 2)
+        def rates(ms):  # 4 matmuls of 2NHV flops; the floor is 4 of cuBLAS's
+            return f"{8 * N * H * V / (ms * 1e-3) / 1e12:.0f}", f"{ms / (4 * matmul_ms):.2f}"
+        print_table(f"linear_logprobs forward + backward, N={N} H={H} V={V} bf16   (floor: "
+                    f"4 matmuls of {matmul_ms:.3f} ms = {4 * matmul_ms:.2f} ms)",
+                    ("TFLOP/s", "x floor"), rates, results)
+        del hidden, weight, targets, compiled, providers
+        torch.cuda.empty_cache()
+
+
 CASES = {"token_logprobs": logprob_cases, "kl_full": kl_cases, "gae": gae_cases,
-         "ppo_advantages": ppo_advantages_cases}
+         "ppo_advantages": ppo_advantages_cases, "linear_logprobs": linear_cases}
 
 
 def main():
     parser = argparse.ArgumentParser(description="Time the Triton kernels against PyTorch.")
     parser.add_argument("--op", choices=sorted(CASES), help="only this op (default: all)")
     args = parser.parse_args()
+    if not HAVE_TRITON:
+        print("kernels.bench: Triton is not installed, and the benchmark times Triton kernels; "
+              "nothing to run.")
+        return 0
     if not torch.cuda.is_available():
         print("kernels.bench: no CUDA GPU on this machine, and the benchmark times GPU kernels; "
               "nothing to run.")

@@ -7,12 +7,30 @@ the last valid token is 0 (the episode ends there) and every output at a masked 
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels._common import use_triton
+from kernels._common import autotune, tl, triton, use_triton
 
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel takes the estimator as a constexpr int
+
+# One program per row walks its T steps backwards in chunks of BLOCK_T. Each chunk is a round trip
+# to memory (its loads, then its scan, then its stores, then the next chunk), so a row in one
+# chunk is fastest while the registers hold it: at T = 2048, 8 warps hold 8 steps per thread.
+# A GPU times these per (T, PPO), among the chunks no longer than the row needs; the interpreter,
+# whose scan is a Python loop over the lanes, uses min(INTERPRET_BLOCK_T, next power of 2 >= T).
+CONFIGS = [triton.Config({"BLOCK_T": block}, num_warps=warps)
+           for block, warps in ((2048, 8), (4096, 16), (2048, 16), (1024, 4), (1024, 8),
+                                (512, 4), (256, 2), (128, 1), (64, 1))]
+INTERPRET_BLOCK_T = 1024
+
+
+def _fitting_chunks(configs, named_args, **kwargs):
+    # a chunk longer than the row only adds masked lanes to every scan
+    longest = max(64, triton.next_power_of_2(named_args["T"]))
+    return [config for config in configs if config.kwargs["BLOCK_T"] <= longest]
+
+
+def _interpret_chunk(args):
+    return min(INTERPRET_BLOCK_T, max(16, triton.next_power_of_2(args["T"])))
 
 
 @triton.jit
@@ -21,9 +39,13 @@ def _compose(decay_later, adv_later, decay, delta):
     # A_t. Composing them is associative, so a parallel scan computes every A_t at once (Blelloch
     # 1990, "Prefix Sums and Their Applications", section 1.4: linear recurrences). The scan runs
     # forward over reversed time, so the left argument is the steps after t already composed.
+    # (tl.associative_scan's reverse=True would let the lanes hold time forwards, but it has
+    # returned wrong results for combine functions that do not commute: triton-lang/triton#4362.)
     return decay_later * decay, delta + decay * adv_later
 
 
+@autotune(CONFIGS, key=["T", "PPO"], interpret={"BLOCK_T": _interpret_chunk},
+          prune_configs_by={"early_config_prune": _fitting_chunks})
 @triton.jit
 def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref_logprobs_ptr,
                 advantages_ptr, returns_ptr, kl_ptr, T, gamma, lam, kl_coef,
@@ -36,6 +58,9 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
     n_chunks = tl.cdiv(T, BLOCK_T)
+    decay = tl.full((BLOCK_T,), gamma * lam, tl.float32)
+    if PPO:
+        score = tl.load(scores_ptr + row).to(tl.float32)
     next_advantage = 0.0  # A_{t+1} for the step after the chunk: 0 after the end of the row
     for chunk in range(n_chunks):
         t = (n_chunks - chunk) * BLOCK_T - 1 - offs
@@ -62,13 +87,11 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref
             kl = tl.where(valid, kl, 0.0)
             tl.store(kl_ptr + idx, kl, mask=in_row)
             # the score lands on the last valid token: valid, and the next one is not
-            score = tl.load(scores_ptr + row).to(tl.float32)
             rewards = -kl_coef * kl + tl.where(valid & ~next_valid, score, 0.0)
         else:
             rewards = tl.load(rewards_ptr + idx, mask=in_row, other=0.0).to(tl.float32)
             rewards = tl.where(valid, rewards, 0.0)
         delta = rewards + gamma * next_values - values
-        decay = tl.zeros((BLOCK_T,), tl.float32) + gamma * lam
         # adv is A_t as if A were 0 after the chunk; decay_prod the product of the decays from t
         # to the chunk's end, which carries A from the chunk after it
         decay_prod, adv = tl.associative_scan((decay, delta), 0, _compose)
@@ -99,8 +122,7 @@ def _launch(values, mask, *, gamma, lam, rewards=None, scores=None, logprobs=Non
         _gae_kernel[(B,)](rewards.contiguous(), values.contiguous(), mask.contiguous(),
                           scores.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(),
                           advantages, returns, kl, T, float(gamma), float(lam), float(kl_coef),
-                          PPO=ppo, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
-                          BLOCK_T=min(1024, max(16, triton.next_power_of_2(T))))
+                          PPO=ppo, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator])
     return advantages, returns, kl
 
 

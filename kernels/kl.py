@@ -1,60 +1,99 @@
 """kl_full: the exact KL(policy || reference) per token, summed over the whole vocabulary.
 
-With x = logits / temperature and y = ref_logits / temperature in fp32, p = softmax(x),
-q = softmax(y), m = max x, s = sum exp(x - m), and ref_m, ref_s the same for y, per row
-    log p_v - log q_v = ((x_v - m) - (y_v - ref_m)) - (log s - log ref_s)
-    KL = sum_v p_v (log p_v - log q_v) = u / s - (log s - log ref_s),
-    u  = sum_v exp(x_v - m) ((x_v - m) - (y_v - ref_m))
-The forward reads both rows once in chunks, keeping running maxima and sums for both (the online
-softmax, as in logprobs.py) and u, rescaled whenever a max grows. Every difference is taken
-relative to the maxima, never through lse = m + log s or x - y: at logits of 1e4 the fp32 spacing
-is 1e-3, which would swamp a small KL between two large, nearly equal rows.
+With z = logits and y = ref_logits in fp32, 1/T the reciprocal of the temperature,
+p = softmax(z / T), q = softmax(y / T), m = max z, s = sum exp((z - m) / T), and ref_m, ref_s the
+same for y, per row
+    log p_v - log q_v = ((z_v - m) - (y_v - ref_m)) / T - (log s - log ref_s)
+    KL = sum_v p_v (log p_v - log q_v) = (u / s) / T - (log s - log ref_s),
+    u  = sum_v exp((z_v - m) / T) ((z_v - m) - (y_v - ref_m))
+The forward reads both rows once in blocks, keeping running maxima and sums for both (the online
+softmax, and the aligned blocks, of logprobs.py) and u, rescaled whenever a max grows. Every
+difference is taken relative to the maxima, never through lse = m + log s or z - y: at logits of
+1e4 the fp32 spacing is 1e-3, which would swamp a small KL between two large, nearly equal rows.
+And differences are taken in the logits' own units, scaled by 1/T only after, as logprobs.py
+explains: the version that divided first gave KL(p || p), exactly 0 with gradient 0, gradients up
+to 5e-4 on an H100 at T = 0.7; here (z - m) - (y - ref_m) is exactly 0 when z == y, whatever the
+compiler does.
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels._common import row_pointer, rows_view, use_triton
+from kernels._common import (autotune, rows_and_grad, rest_columns, row_args, row_blocks,
+                             row_start, rows_view, tl, triton, use_triton)
+from kernels.logprobs import CONFIGS
 
-BLOCK_V = 4096  # elements of a row per loop step; a power of two, as tl.arange needs
+INTERPRET_BLOCK_V = 4096  # the interpreter's block: min(this, next power of two >= V)
+
+
+def _interpret_block(args):
+    return min(INTERPRET_BLOCK_V, max(16, triton.next_power_of_2(args["V"])))
 
 
 @triton.jit
+def _aligned_block(logits_ptr, ref_ptr, start, ref_start, col0, ALIGN: tl.constexpr,
+                   REF_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
+    # A whole block of both rows from column col0, unmasked, which starts 16-byte aligned in the
+    # policy's row (row_blocks) and, when REF_ALIGNED, in the reference's: its offsets in the
+    # policy's base (where the gradient goes too), z and y.
+    block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+    ref_block = ref_start + col0
+    if REF_ALIGNED:
+        ref_block = tl.multiple_of(ref_block, ALIGN)
+    z = tl.load(logits_ptr + block).to(tl.float32)
+    y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
+    return block, z, y
+
+
+@triton.jit
+def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
+    # One block of both rows: z, y (BLOCK_V,) fp32, in_row False in masked lanes (their values
+    # are 0 and must not count). Returns the running maxima and sums at the new maxima.
+    m_new = tl.maximum(m, tl.max(tl.where(in_row, z, float("-inf")), axis=0))
+    ref_m_new = tl.maximum(ref_m, tl.max(tl.where(in_row, y, float("-inf")), axis=0))
+    alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
+    # exp(-inf) = 0 in masked lanes (exp of their 0 - max could overflow)
+    p = tl.exp(tl.where(in_row, z - m_new, float("-inf")) * inv_temperature)
+    ref_p = tl.exp(tl.where(in_row, y - ref_m_new, float("-inf")) * inv_temperature)
+    # each old term of u gains (ref_m_new - ref_m) - (m_new - m) and the factor alpha; where p is
+    # 0 (masked lanes, logits of -inf) its term is 0, not 0 * inf
+    u = alpha * (u + ((ref_m_new - ref_m) - (m_new - m)) * s)
+    u += tl.sum(p * tl.where(p > 0, (z - m_new) - (y - ref_m_new), 0.0), axis=0)
+    s = alpha * s + tl.sum(p, axis=0)
+    ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + tl.sum(ref_p, axis=0)
+    return m_new, ref_m_new, s, ref_s, u
+
+
+@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
+@triton.jit
 def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
-                stride_b, stride_t, ref_stride_b, ref_stride_t, T, V, temperature,
+                offset, stride_b, stride_t, ref_offset, ref_stride_b, ref_stride_t, T, V,
+                inv_temperature, ALIGN: tl.constexpr, REF_ALIGNED: tl.constexpr,
                 BLOCK_V: tl.constexpr):
-    # one program per row; reads 2 * V logits, writes 5 floats
+    # One program per row; reads 2 * V logits, writes 5 floats. The blocks are aligned for the
+    # policy logits, and for the reference's when REF_ALIGNED (the same layout modulo 16 bytes).
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at N*V > 2e9
-    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
-    ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
-    offs = tl.arange(0, BLOCK_V)
+    start = row_start(row, offset, T, stride_b, stride_t)
+    ref_start = row_start(row, ref_offset, T, ref_stride_b, ref_stride_t)
     # the maxima start at the rows' first values, so that the first rescale multiplies finite ones
-    m = tl.load(row_ptr).to(tl.float32) / temperature  # running max of x
-    ref_m = tl.load(ref_row_ptr).to(tl.float32) / temperature  # running max of y
-    s = 0.0  # sum exp(x - m)
-    ref_s = 0.0  # sum exp(y - ref_m)
-    u = 0.0  # sum exp(x - m) ((x - m) - (y - ref_m))
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(tl.where(in_row, x, float("-inf")), axis=0))
-        ref_m_new = tl.maximum(ref_m, tl.max(tl.where(in_row, y, float("-inf")), axis=0))
-        alpha = tl.exp(m - m_new)  # rescales the sums so far to the new max
-        p = tl.where(in_row, tl.exp(x - m_new), 0.0)
-        ref_p = tl.where(in_row, tl.exp(y - ref_m_new), 0.0)
-        # each old term of u gains (ref_m_new - ref_m) - (m_new - m) and the factor alpha
-        u = alpha * (u + ((ref_m_new - ref_m) - (m_new - m)) * s)
-        u += tl.sum(p * ((x - m_new) - (y - ref_m_new)), axis=0)
-        s = alpha * s + tl.sum(p, axis=0)
-        ref_s = tl.exp(ref_m - ref_m_new) * ref_s + tl.sum(ref_p, axis=0)
-        m = m_new
-        ref_m = ref_m_new
+    m = tl.load(logits_ptr + start).to(tl.float32)
+    ref_m = tl.load(ref_ptr + ref_start).to(tl.float32)
+    s = 0.0  # sum exp((z - m) / T)
+    ref_s = 0.0  # sum exp((y - ref_m) / T)
+    u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
+    for i in range(n_full):
+        _, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V, ALIGN,
+                                 REF_ALIGNED, BLOCK_V)
+        m, ref_m, s, ref_s, u = _fwd_update(z, y, tl.full((BLOCK_V,), True, tl.int1), m, ref_m,
+                                            s, ref_s, u, inv_temperature)
+    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
+        m, ref_m, s, ref_s, u = _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature)
     log_s = tl.log(s)
     ref_log_s = tl.log(ref_s)
-    tl.store(kl_ptr + row, u / s - (log_s - ref_log_s))
+    tl.store(kl_ptr + row, inv_temperature * u / s - (log_s - ref_log_s))
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
     tl.store(ref_max_ptr + row, ref_m)
@@ -62,54 +101,74 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
 
 
 @triton.jit
+def _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature):
+    #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d z = (d / d x) / T
+    p = tl.exp((z - m) * inv_temperature - log_s)
+    log_ratio = ((z - m) - (y - ref_m)) * inv_temperature - (log_s - ref_log_s)  # log p - log q
+    return grad_kl * p * tl.where(p > 0, log_ratio - kl, 0.0) * inv_temperature
+
+
+@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
+@triton.jit
 def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
-                grad_kl_ptr, grad_logits_ptr, stride_b, stride_t, ref_stride_b, ref_stride_t, T,
-                V, temperature, BLOCK_V: tl.constexpr):
-    # one program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype).
-    #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d logits = (d / d x) / temperature
+                grad_kl_ptr, grad_logits_ptr, offset, stride_b, stride_t, ref_offset,
+                ref_stride_b, ref_stride_t, T, V, inv_temperature, ALIGN: tl.constexpr,
+                REF_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype and
+    # layout, see rows_and_grad).
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
-    ref_row_ptr = row_pointer(ref_ptr, row, T, ref_stride_b, ref_stride_t)
-    grad_row_ptr = grad_logits_ptr + row * V  # the gradient is allocated contiguous
+    start = row_start(row, offset, T, stride_b, stride_t)
+    ref_start = row_start(row, ref_offset, T, ref_stride_b, ref_stride_t)
     kl = tl.load(kl_ptr + row)
     m = tl.load(max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
     ref_m = tl.load(ref_max_ptr + row)
     ref_log_s = tl.load(ref_log_sum_ptr + row)
     grad_kl = tl.load(grad_kl_ptr + row)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        y = tl.load(ref_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        p = tl.where(in_row, tl.exp((x - m) - log_s), 0.0)  # so masked lanes stay finite
-        log_ratio = ((x - m) - (y - ref_m)) - (log_s - ref_log_s)  # log p - log q
-        grad = grad_kl * p * (log_ratio - kl) / temperature
-        tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+    out_ty = grad_logits_ptr.dtype.element_ty
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
+    for i in range(n_full):
+        block, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V,
+                                     ALIGN, REF_ALIGNED, BLOCK_V)
+        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
+        tl.store(grad_logits_ptr + block, grad.to(out_ty))
+    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
+        # z = -inf past the row: p = 0 there, so the lanes that are not stored stay finite
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
+        tl.store(grad_logits_ptr + start + cols, grad.to(out_ty), mask=in_row)
 
 
-def _block(V):
-    # at least 16 lanes: narrower blocks save nothing and are the compiler's least-trodden path
-    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+def _launch_args(rows, ref_rows):
+    """The row arguments of both (B, T, V) inputs, and whether the reference's rows fall into the
+    same aligned blocks as the policy's (same element size, same offsets and strides modulo 16
+    bytes): then its blocks load wide too. Two outputs of the same model always do."""
+    base, offset, stride_b, stride_t, align = row_args(rows)
+    ref_base, ref_offset, ref_stride_b, ref_stride_t, ref_align = row_args(ref_rows)
+    ref_aligned = align == ref_align and all(
+        (a - b) % align == 0
+        for a, b in ((offset, ref_offset), (stride_b, ref_stride_b), (stride_t, ref_stride_t)))
+    return (base, ref_base), (offset, stride_b, stride_t, ref_offset, ref_stride_b,
+                              ref_stride_t), dict(ALIGN=align, REF_ALIGNED=ref_aligned)
 
 
 class _KLFull(torch.autograd.Function):
     # Saves both logits (the inputs themselves, no copy) and five floats per row. The backward
-    # allocates one tensor: the gradient, in the policy logits' shape and dtype.
+    # allocates one tensor: the gradient, in the policy logits' shape, dtype and layout.
 
     @staticmethod
     def forward(ctx, logits, ref_logits, temperature):
         assert logits.shape == ref_logits.shape, "logits and ref_logits must have the same shape"
-        rows, ref_rows = rows_view(logits), rows_view(ref_logits)  # (B, T, V)
+        rows = rows_view(logits)  # (B, T, V)
+        bases, strides, flags = _launch_args(rows, rows_view(ref_logits))
         B, T, V = rows.shape
         # kl is a tensor of its own, not a view, so that callers may modify it in place
         kl = torch.empty(logits.shape[:-1], device=logits.device)
         stats = torch.empty(4, B * T, device=logits.device).unbind()  # max, log_sum, ref_...
         if B * T > 0:
-            _fwd_kernel[(B * T,)](rows, ref_rows, kl, *stats, *rows.stride()[:2],
-                                  *ref_rows.stride()[:2], T, V, temperature, BLOCK_V=_block(V),
-                                  num_warps=8)
+            _fwd_kernel[(B * T,)](*bases, kl, *stats, *strides, T, V, 1.0 / temperature, **flags)
         # a copy of kl (O(rows)) is saved, so that the caller may still modify kl in place
         ctx.save_for_backward(logits, ref_logits, kl.clone(), *stats)
         ctx.temperature = temperature
@@ -118,14 +177,14 @@ class _KLFull(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         logits, ref_logits, *stats = ctx.saved_tensors
-        rows, ref_rows = rows_view(logits), rows_view(ref_logits)
+        rows, grad_rows = rows_and_grad(logits)
+        bases, strides, flags = _launch_args(rows, rows_view(ref_logits))
         B, T, V = rows.shape
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if B * T > 0:
-            _bwd_kernel[(B * T,)](rows, ref_rows, *stats, grad_kl.reshape(-1).float().contiguous(),
-                                  grad_logits, *rows.stride()[:2], *ref_rows.stride()[:2], T, V,
-                                  ctx.temperature, BLOCK_V=_block(V), num_warps=8)
-        return grad_logits, None, None  # the reference model is frozen: no gradient for it
+            _bwd_kernel[(B * T,)](*bases, *stats, grad_kl.reshape(-1).float().contiguous(),
+                                  row_args(grad_rows)[0], *strides, T, V, 1.0 / ctx.temperature,
+                                  **flags)
+        return grad_rows.view(logits.shape), None, None  # the reference is frozen: no gradient
 
 
 def kl_full_ref(logits, ref_logits, *, temperature=1.0):

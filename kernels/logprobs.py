@@ -1,90 +1,147 @@
 """token_logprobs: the log-probability of each target token under softmax(logits / temperature),
 and the entropy of that softmax. PPO needs both on every minibatch, with gradient.
 
-Shapes: logits (..., V) flattened to N rows, x = logits / temperature in fp32, and per row
-    m = max_v x_v,  s = sum_v exp(x_v - m),  p = softmax(x)
-    logprob = (x_target - m) - log s
-    entropy = -sum_v p_v log p_v = log s - sum_v p_v (x_v - m)
-The forward reads each row once in chunks of BLOCK_V, updating m and s as it goes (the online
+Shapes: logits (..., V) flattened to N rows. Per row, with z the logits in fp32 (exact for every
+input dtype), m = max_v z_v and 1/T the reciprocal of the temperature, so that x_v - max x =
+(z_v - m) / T for x = z / T:
+    s = sum_v exp((z_v - m) / T),  p = softmax(z / T)
+    logprob = (z_target - m) / T - log s
+    entropy = -sum_v p_v log p_v = log s - (1/T) sum_v p_v (z_v - m)
+The forward reads each row once in blocks of BLOCK_V, updating m and s as it goes (the online
 softmax of Milakov & Gimelshein 2018), so any V works with a fixed block and nothing of size V is
 written. Everything is taken relative to m, never through lse = m + log s: at logits of 1e4 the
-fp32 spacing is 1e-3, and x - lse would lose the log-probability's low digits.
+fp32 spacing is 1e-3, and z - lse would lose the log-probability's low digits.
+
+Wide loads at any V: the blocks are aligned to 16 bytes and loaded unmasked; only the few columns
+before the first boundary and after the last whole block are masked (_common.row_blocks). A mask
+`cols < V` on every load, at V = 50257 (not a multiple of 8), made every load a scalar one: 56% of
+copy bandwidth on an H100, against 78% at V = 50304. Rows at any offset (full[..., :V] of a padded
+vocabulary, logits[:, :-1]) are read in place, and the gradient is written in the logits' own
+layout, so that its blocks are aligned where theirs are.
+
+Differences first, the temperature after. At logits of 1e4 and T = 0.7, x = z / T is ~14286,
+where fp32 values are 2**-10 ~ 1e-3 apart. An earlier version computed x first and subtracted the
+max after. On an H100 its gradients at T = 0.7 were off by up to 8e-4 where the exact ones are 0
+(at T = 1, where x = z exactly, they were right), while the interpreter, which rounds every
+operation once (numpy), passed. The forward was right and the backward wrong; and kl_full(z, z),
+whose x and y go through the same code on the same values, got a nonzero gradient. No division
+that rounds each quotient one fixed way, IEEE or approximate (compiled Triton's tensor `/` is
+div.full.f32, which differs from IEEE div.rn.f32 on 9% of values there), can do that: the same
+quotient must have been rounded at one use and not at another. ptxas may fuse the multiply that
+ends a division into the subtraction after it (x - m as one FMA), per use and per kernel; then
+x - m at the max is 0 in one place and the quotient's rounding error (up to half an ulp, 5e-4) in
+another, and p = exp(5e-4) at the max is the error seen. Here what must be exactly 0 at the max,
+z_target - m (and kl.py's (z - m) - (y - ref_m)), is a difference of loaded values: no product
+before it to fuse, no division, the same bits in every kernel and in scalar or vector code. One
+reciprocal 1/T, computed on the host, multiplies the differences after, where fusing or not
+changes a result by a rounding of the difference (0 at the max), not of the logit.
+test_shift_invariant checks it: logits + 4096 give the same bits as the logits.
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels._common import row_pointer, rows_view, use_triton
+from kernels._common import (autotune, rows_and_grad, rest_columns, row_args, row_blocks,
+                             row_start, rows_view, tl, triton, use_triton)
 
-BLOCK_V = 4096  # elements of a row per loop step; a power of two, as tl.arange needs
+# One program per row, looping over it in blocks. Bigger blocks and more warps keep more bytes in
+# flight per SM; which is best depends on V and the GPU, so a GPU times them (key: V). The
+# interpreter uses min(INTERPRET_BLOCK_V, next power of two >= V).
+CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
+           for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+           for stages in (1, 2)]
+INTERPRET_BLOCK_V = 4096
+
+
+def _interpret_block(args):
+    return min(INTERPRET_BLOCK_V, max(16, triton.next_power_of_2(args["V"])))
 
 
 @triton.jit
+def _fwd_update(z, m, s, w, inv_temperature):
+    # One block of a row: z (BLOCK_V,) fp32, -inf in masked lanes. m, s = sum exp((z - m) / T) and
+    # w = sum exp((z - m) / T) (z - m) so far; returns them at the new max.
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
+    d = z - m_new
+    p = tl.exp(d * inv_temperature)  # 0 in masked lanes
+    # each old term exp(.)(z - m) becomes alpha exp(.)(z - m + m - m_new); where p is 0 (masked
+    # lanes, or logits of -inf), its term is 0, not 0 * -inf
+    w = alpha * (w + (m - m_new) * s) + tl.sum(p * tl.where(p > 0, d, 0.0), axis=0)
+    s = alpha * s + tl.sum(p, axis=0)
+    return m_new, s, w
+
+
+@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
+@triton.jit
 def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log_sum_ptr,
-                stride_b, stride_t, T, V, temperature, BLOCK_V: tl.constexpr):
+                offset, stride_b, stride_t, T, V, inv_temperature,
+                ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
     # one program per row; reads V logits and a target, writes 4 floats
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at N*V > 2e9
-    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
-    target = tl.load(targets_ptr + row)
-    x_target = tl.load(row_ptr + target).to(tl.float32) / temperature
-    offs = tl.arange(0, BLOCK_V)
-    # Running max m, s = sum exp(x - m) and w = sum exp(x - m) (x - m), so entropy = log s - w / s.
-    # m starts at x_target, a value of the row, so that the first rescale multiplies finite numbers.
-    m = x_target
+    start = row_start(row, offset, T, stride_b, stride_t)
+    z_target = tl.load(logits_ptr + start + tl.load(targets_ptr + row)).to(tl.float32)
+    # m starts at z_target, a value of the row, so that the first rescale multiplies finite numbers
+    m = z_target
     s = 0.0
     w = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)  # rescales the sums so far from the old max to the new one
-        p = tl.exp(x - m_new)  # 0 past the end of the row
-        # each old term exp(x - m)(x - m) becomes alpha exp(x - m)(x - m + m - m_new)
-        w = alpha * (w + (m - m_new) * s) + tl.sum(p * tl.where(in_row, x - m_new, 0.0), axis=0)
-        s = alpha * s + tl.sum(p, axis=0)
-        m = m_new
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
+    for i in range(n_full):
+        block = tl.multiple_of(start + head + i * BLOCK_V, ALIGN) + tl.arange(0, BLOCK_V)
+        m, s, w = _fwd_update(tl.load(logits_ptr + block).to(tl.float32), m, s, w,
+                              inv_temperature)
+    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        m, s, w = _fwd_update(z, m, s, w, inv_temperature)
     log_s = tl.log(s)
-    tl.store(logprobs_ptr + row, (x_target - m) - log_s)
-    tl.store(entropy_ptr + row, log_s - w / s)
+    tl.store(logprobs_ptr + row, (z_target - m) * inv_temperature - log_s)
+    tl.store(entropy_ptr + row, log_s - inv_temperature * w / s)
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
 
 
 @triton.jit
-def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad_logprobs_ptr,
-                grad_entropy_ptr, grad_logits_ptr, stride_b, stride_t, T, V, temperature,
-                BLOCK_V: tl.constexpr):
-    # one program per row; reads V logits and 6 floats, writes V gradients in the logits' dtype.
+def _grad(z, cols, target, m, log_s, entropy, grad_logprob, grad_entropy, inv_temperature):
     #   d logprob / d x_v = [v == target] - p_v
     #   d entropy / d x_v = -p_v (log p_v + entropy)
-    # and d / d logits = (d / d x) / temperature.
+    # and d / d z = (d / d x) / T.
+    logp = (z - m) * inv_temperature - log_s
+    p = tl.exp(logp)
+    grad = grad_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
+    grad -= grad_entropy * p * tl.where(p > 0, logp + entropy, 0.0)  # 0, not 0 * -inf
+    return grad * inv_temperature
+
+
+@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
+@triton.jit
+def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad_logprobs_ptr,
+                grad_entropy_ptr, grad_logits_ptr, offset, stride_b, stride_t, T, V,
+                inv_temperature, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per row; reads V logits and 6 floats, writes V gradients in the logits' dtype.
+    # The gradient has the logits' layout (rows_and_grad), so both use the same aligned blocks.
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = row_pointer(logits_ptr, row, T, stride_b, stride_t)
-    grad_row_ptr = grad_logits_ptr + row * V  # the gradient is allocated contiguous
+    start = row_start(row, offset, T, stride_b, stride_t)
     target = tl.load(targets_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     m = tl.load(max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
     grad_logprob = tl.load(grad_logprobs_ptr + row)
     grad_entropy = tl.load(grad_entropy_ptr + row)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) / temperature
-        logp = (x - m) - log_s
-        p = tl.where(in_row, tl.exp(logp), 0.0)  # so that masked lanes stay finite
-        grad = grad_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
-        grad -= grad_entropy * p * (logp + entropy)
-        tl.store(grad_row_ptr + cols, (grad / temperature).to(grad_logits_ptr.dtype.element_ty),
-                 mask=in_row)
-
-
-def _block(V):
-    # at least 16 lanes: narrower blocks save nothing and are the compiler's least-trodden path
-    return min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+    out_ty = grad_logits_ptr.dtype.element_ty
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
+    for i in range(n_full):
+        col0 = head + i * BLOCK_V
+        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+        grad = _grad(tl.load(logits_ptr + block).to(tl.float32), col0 + tl.arange(0, BLOCK_V),
+                     target, m, log_s, entropy, grad_logprob, grad_entropy, inv_temperature)
+        tl.store(grad_logits_ptr + block, grad.to(out_ty))
+    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
+        # -inf past the row: p = 0 there, so the lanes that are not stored stay finite
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        grad = _grad(z, cols, target, m, log_s, entropy, grad_logprob, grad_entropy,
+                     inv_temperature)
+        tl.store(grad_logits_ptr + start + cols, grad.to(out_ty), mask=in_row)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -103,9 +160,9 @@ class _TokenLogprobs(torch.autograd.Function):
         entropy = torch.empty(logits.shape[:-1], device=logits.device)
         row_max, log_sum = torch.empty(2, B * T, device=logits.device).unbind()
         if B * T > 0:
-            _fwd_kernel[(B * T,)](rows, targets, logprobs, entropy, row_max, log_sum,
-                                  rows.stride(0), rows.stride(1), T, V, temperature,
-                                  BLOCK_V=_block(V), num_warps=8)
+            base, offset, stride_b, stride_t, align = row_args(rows)
+            _fwd_kernel[(B * T,)](base, targets, logprobs, entropy, row_max, log_sum, offset,
+                                  stride_b, stride_t, T, V, 1.0 / temperature, ALIGN=align)
         # a copy of the entropy (O(rows)) is saved, so that the caller may modify it in place
         ctx.save_for_backward(logits, targets, entropy.clone(), row_max, log_sum)
         ctx.temperature = temperature
@@ -115,19 +172,20 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, targets, entropy, row_max, log_sum = ctx.saved_tensors
-        rows = rows_view(logits)
+        rows, grad_rows = rows_and_grad(logits)
         B, T, V = rows.shape
         # an output that does not reach the loss contributes nothing: zeros, O(rows)
         grad_logprobs = torch.zeros_like(log_sum) if grad_logprobs is None else grad_logprobs
         grad_entropy = torch.zeros_like(log_sum) if grad_entropy is None else grad_entropy
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if B * T > 0:
-            _bwd_kernel[(B * T,)](rows, targets, entropy, row_max, log_sum,
+            base, offset, stride_b, stride_t, align = row_args(rows)
+            grad_base = row_args(grad_rows)[0]  # the same offset, strides and alignment
+            _bwd_kernel[(B * T,)](base, targets, entropy, row_max, log_sum,
                                   grad_logprobs.reshape(-1).float().contiguous(),
-                                  grad_entropy.reshape(-1).float().contiguous(), grad_logits,
-                                  rows.stride(0), rows.stride(1), T, V, ctx.temperature,
-                                  BLOCK_V=_block(V), num_warps=8)
-        return grad_logits, None, None
+                                  grad_entropy.reshape(-1).float().contiguous(), grad_base,
+                                  offset, stride_b, stride_t, T, V, 1.0 / ctx.temperature,
+                                  ALIGN=align)
+        return grad_rows.view(logits.shape), None, None
 
 
 def token_logprobs_ref(logits, targets, *, temperature=1.0, return_entropy=False):

@@ -13,17 +13,30 @@ stored in the logits' dtype, rounded once: allowed one unit in the last place of
 (2**-7 relative for bf16, 2**-10 for fp16, 1e-5 for fp32), plus 1e-5 absolute: the reference's
 log_softmax backward sums V products in fp32 and is off by ~1e-5 at V = 50257 (the kernels by
 ~1e-6), while a wrong sign, temperature factor or normaliser is off by the gradient itself.
+GAE and ppo_advantages sum up to T terms that can cancel, so each output is held to an error bound
+derived from its terms (above gae_fp64), not to a fixed tolerance.
 """
+
+import importlib
+import math
 
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages, ppo_advantages_ref,
-                     token_logprobs, token_logprobs_ref)
-from kernels.gae import gae_doubling_ref
+# Every test here runs a Triton kernel (in the interpreter without a GPU). Where Triton does not
+# install (macOS), tests/test_no_triton.py checks what runs instead.
+pytest.importorskip("triton", reason="Triton is not installed (no wheel for this platform)")
+
+import kernels  # noqa: E402
+from kernels import (gae, gae_ref, kl_full, kl_full_ref, ppo_advantages,  # noqa: E402
+                     ppo_advantages_ref, token_logprobs, token_logprobs_ref)
+from kernels.gae import gae_doubling_ref  # noqa: E402
+
+# kernels.gae and kernels.linear_logprobs are the functions; these are their modules
+gae_module = importlib.import_module("kernels.gae")
+linear_module = importlib.import_module("kernels.linear_logprobs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -60,18 +73,65 @@ def kl_fp64(logits, ref_logits, temperature):
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-def gae_fp64(rewards, values, lengths, gamma, lam):
-    # straight from the paper, one row at a time over its valid tokens only
+# GAE's error bound, from which its tolerances come. With u = 2**-24 (fp32's unit roundoff),
+# c = gamma * lam, and fp32 inputs (exact in fp64), the truth is
+#     A_t = sum_{k < n} c^k delta_{t+k},   delta_t = r_t + gamma V_{t+1} - V_t,   R_t = A_t + V_t
+# over the n valid steps from t on. It can cancel to near 0 while its terms are large, so the error
+# of an fp32 evaluation is bounded by the terms, not by the result. Any order of evaluation (the
+# loop of gae_ref, the kernel's scan in chunks with a carry between them, the doubling of
+# gae_doubling_ref) reaches A_t from term k through, to first order in u:
+#   - c^k: fp32's c = fl(fl(gamma) fl(lam)) is off by <= 3u relatively, so c^k by <= 3k u, and c^k
+#     is formed (as a running product, a scan's decay products, or by squaring) with <= k more
+#     roundings of u each: <= 4k u;
+#   - the multiply-and-adds on its path to A_t, 2 roundings each: k + 1 in the loop, log2(T) in the
+#     doubling; in the kernel, one per level of Triton's scan in a chunk (a thread's own steps in
+#     sequence, at most 16 with these configs, then trees over a warp's 32 lanes and over at most
+#     16 warps, then the apply: <= 40) plus one carry per chunk crossed (<= k / 16 + 1, chunks
+#     being >= 16 steps). In all <= 3k + 4 log2(T) + 80 roundings, whatever the scheme;
+#   - delta_t's own 3 operations: <= 4u D_t, D_t = |r_t| + |gamma V_{t+1}| + |V_t|, plus the error
+#     of r_t where the kernel computes it (ppo_advantages: reward_error below).
+# Hence, term by term,
+#     |A - A_t| <= sum_k c^k (u [(7k + 4 log2 T + 80) |delta_{t+k}| + 4 D_{t+k}] + reward_error)
+#     |R - R_t| <= that + u (|A_t| + |V_t|),
+# which gae_fp64 accumulates backwards beside A_t (sum k c^k x_{t+k} = c (that sum at t + 1 +
+# sum c^k x_{t+1+k})). At T = 1500, c = 0.99 it is ~5e-3 where the terms are ~1 (the scan was
+# 1.3e-5 off on an H100, over a fixed atol of 1e-5), while a dropped chunk carry is off by
+# c^(steps to the chunk's end) |A| ~ 1 and a wrong decay by more: test_gae_tolerance_can_fail.
+U = 2.0 ** -24
+
+
+def gae_fp64(rewards, values, lengths, gamma, lam, reward_error=None):
+    """Advantages and returns straight from the paper, one row at a time over its valid tokens
+    only, in fp64; and the bound above for each (0 where masked: the outputs must be exactly 0)."""
     B, T = rewards.shape
-    advantages = [[0.0] * T for _ in range(B)]
-    returns = [[0.0] * T for _ in range(B)]
-    for b, (r, v, n) in enumerate(zip(rewards.tolist(), values.tolist(), lengths.tolist())):
+    c = gamma * lam
+    roundings = 4 * max(1, math.ceil(math.log2(T))) + 80
+    reward_error = torch.zeros(B, T) if reward_error is None else reward_error
+    out = torch.zeros(4, B, T, dtype=torch.float64)  # advantages, returns, their bounds
+    for b, (r, v, err, n) in enumerate(zip(rewards.tolist(), values.tolist(),
+                                           reward_error.tolist(), lengths.tolist())):
         next_value, next_advantage = 0.0, 0.0
+        terms = weighted = rest = 0.0  # sums of c^k |delta|, of k c^k |delta|, of the rest
         for t in reversed(range(n)):
-            next_advantage = r[t] + gamma * next_value - v[t] + gamma * lam * next_advantage
+            delta = r[t] + gamma * next_value - v[t]
+            next_advantage = delta + c * next_advantage
+            weighted = c * (weighted + terms)
+            terms = abs(delta) + c * terms
+            rest = U * 4 * (abs(r[t]) + abs(gamma * next_value) + abs(v[t])) + err[t] + c * rest
+            bound = U * (7 * weighted + roundings * terms) + rest
+            out[:, b, t] = torch.tensor([next_advantage, next_advantage + v[t], bound,
+                                         bound + U * (abs(next_advantage) + abs(v[t]))])
             next_value = v[t]
-            advantages[b][t], returns[b][t] = next_advantage, next_advantage + v[t]
-    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+    return out.unbind()
+
+
+def assert_within(actual, expected, bound):
+    """|actual - expected| <= bound elementwise (a bound of 0: exactly equal)."""
+    error = (actual.cpu().double() - expected).abs()
+    worst = (error - bound).argmax()
+    assert (error <= bound).all(), (f"off by {error.flatten()[worst]:.3g} at "
+                                    f"{[int(i) for i in torch.unravel_index(worst, error.shape)]}"
+                                    f", allowed {bound.flatten()[worst]:.3g}")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -143,6 +203,14 @@ class NewTensors(TorchDispatchMode):
         return out
 
 
+def warm_up(fn, *args):
+    """One forward and backward of fn(*args), so that on a GPU autotuning, which times the kernels
+    with buffers of its own, is done before a test records allocations or peak memory."""
+    out = fn(*args)
+    loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+    torch.autograd.grad(loss, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad])
+
+
 def big_tensors_of_backward(loss, logits):
     """(numel, dtype) of each tensor of the logits' size or more that the backward creates."""
     with NewTensors() as record:
@@ -153,20 +221,23 @@ def big_tensors_of_backward(loss, logits):
 # ---- dispatch --------------------------------------------------------------------------------
 
 def test_dispatch_follows_env_and_device(monkeypatch):
-    x = torch.randn(3, 5)
+    # right with and without a GPU: DEVICE is where the kernels run in this session
+    x = torch.randn(3, 5, device=DEVICE)
     assert kernels._common.use_triton(x)  # MINRLHF_KERNELS=triton from the fixture
     monkeypatch.setenv("MINRLHF_KERNELS", "torch")
     assert not kernels._common.use_triton(x)
     monkeypatch.delenv("MINRLHF_KERNELS")
     assert kernels._common.use_triton(x) == x.is_cuda
+    assert not kernels._common.use_triton(x.cpu())  # CPU tensors get the reference
     monkeypatch.setenv("MINRLHF_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MINRLHF_KERNELS"):
         kernels._common.use_triton(x)
-    if not x.is_cuda:  # Triton on CPU tensors without the interpreter: one clear sentence
-        monkeypatch.setenv("MINRLHF_KERNELS", "triton")
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            kernels._common.use_triton(x)
+    # Triton forced on CPU tensors without the interpreter: one clear sentence (on a GPU machine
+    # TRITON_INTERPRET is not set in the first place)
+    monkeypatch.setenv("MINRLHF_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels._common.use_triton(x.cpu())
 
 
 def test_rows_view_reads_sliced_logits_in_place():
@@ -174,6 +245,115 @@ def test_rows_view_reads_sliced_logits_in_place():
     rows = kernels._common.rows_view(full[:, 1:-1])  # as PPO slices the response's logits
     assert rows.shape == (2, 4, 7) and rows.data_ptr() == full[:, 1:].data_ptr()
     assert kernels._common.rows_view(full[0, 0]).shape == (1, 1, 7)
+    # a gradient in the same layout would be mostly gap here: the rows are copied, both dense
+    rows, grad = kernels._common.rows_and_grad(torch.randn(4, 2**17)[:, :5])
+    assert rows.is_contiguous() and grad.is_contiguous() and grad.shape == (1, 4, 5)
+
+
+def laid_out(lead, V, dtype, layout):
+    """Random logits (*lead, V) in one of the layouts the kernels read in place."""
+    if layout == "contiguous":
+        return random_logits(lead, V, dtype)
+    if layout == "padded":  # full[..., :V] of a vocabulary padded to a multiple of 128 (the model)
+        return random_logits(lead, -(-V // 128) * 128, dtype)[..., :V]
+    if layout == "shifted":  # rows that start 3 elements past a 16-byte boundary, stride V + 5
+        return random_logits(lead, V + 5, dtype)[..., 3:3 + V]
+    assert layout == "sliced"  # logits[:, :-1] as PPO takes them
+    return random_logits((lead[0], lead[1] + 1, *lead[2:]), V, dtype)[:, :-1]
+
+
+LAYOUTS = ["contiguous", "padded", "shifted", "sliced"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_args_claim_only_aligned_blocks(dtype, layout):
+    # The kernels tell the compiler (tl.multiple_of) that each whole block starts 16 bytes aligned,
+    # which the interpreter cannot check: a false claim would be a misaligned vector load on the
+    # GPU. Check every row's claim on the addresses, and that a gradient allocated by
+    # empty_rows_like is cut into the same blocks.
+    rows = kernels._common.rows_view(laid_out((3, 5), 37, dtype, layout))
+    base, offset, stride_b, stride_t, align = kernels._common.row_args(rows)
+    assert base.data_ptr() % 16 == 0 and align == 16 // rows.element_size()
+    size = rows.element_size()
+    for b in range(rows.shape[0]):
+        for t in range(rows.shape[1]):
+            start = offset + b * stride_b + t * stride_t  # row_start
+            assert base.data_ptr() + start * size == rows[b, t].data_ptr()
+            head = (align - start % align) % align  # row_blocks
+            assert (base.data_ptr() + (start + head) * size) % 16 == 0 and head < align
+    same, grad = kernels._common.rows_and_grad(rows)
+    assert same.data_ptr() == rows.data_ptr() and same.stride() == rows.stride()  # not copied
+    assert grad.shape == rows.shape and grad.stride() == rows.stride()
+    assert kernels._common.row_args(grad)[1:] == (offset, stride_b, stride_t, align)
+
+
+def test_kl_full_claims_reference_alignment_only_when_true():
+    full = random_logits((2, 3), 40, torch.bfloat16)
+    for ref, aligned in ((full[..., :37], True), (random_logits((2, 3), 37, torch.bfloat16), False),
+                         (full[..., 3:40], False), (full[..., 8:], True),
+                         (full[..., :37].float(), False)):
+        flags = kernels.kl._launch_args(*map(kernels._common.rows_view, (full[..., :37], ref)))[2]
+        assert flags["REF_ALIGNED"] == aligned
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("V", [15, 16, 17, 40])
+def test_rows_in_every_layout_and_around_a_block(monkeypatch, V, layout):
+    # Blocks of 16 columns: V below, at and just past one block, and two whole blocks with a head
+    # and a tail; the layouts the model passes (rows in a padded buffer, sliced rows, rows whose
+    # start is not aligned, so that they begin with a head). One dtype each, by turns; the
+    # reference logits of kl_full in the next layout, so that its blocks are sometimes aligned
+    # with the policy's and sometimes not.
+    for module in (kernels.logprobs, kernels.kl):
+        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", 16)
+    i = LAYOUTS.index(layout)
+    dtype = DTYPES[(V + i) % len(DTYPES)]
+    torch.manual_seed(V + i)
+    logits = laid_out((2, 3), V, dtype, layout)
+    targets = torch.randint(0, V, (2, 3), device=DEVICE)
+    check_token_logprobs(logits, targets, 0.7)
+    check_kl_full(logits, laid_out((2, 3), V, dtype, LAYOUTS[(i + 1) % len(LAYOUTS)]), 0.7)
+    # the gradient comes back in the logits' own layout: same strides, so the same blocks
+    x = logits.detach().requires_grad_()
+    grad, = torch.autograd.grad(token_logprobs(x, targets).sum(), x)
+    assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_V"] for c in kernels.logprobs.CONFIGS}))
+def test_every_gpu_block_size(monkeypatch, block):
+    # a GPU autotunes over these blocks; under the interpreter each runs here once, on rows with a
+    # head, two whole blocks and a tail
+    for module in (kernels.logprobs, kernels.kl):
+        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", block)
+    V = 2 * block + 21
+    torch.manual_seed(0)
+    logits = laid_out((2,), V, torch.bfloat16, "shifted")
+    check_token_logprobs(logits, torch.randint(0, V, (2,), device=DEVICE), 0.7)
+    check_kl_full(logits, laid_out((2,), V, torch.bfloat16, "shifted"), 0.7, fns=(kl_full,))
+
+
+def test_shift_invariant():
+    # The kernels take differences of logits, z - max z, in the logits' own units and scale them by
+    # 1/T only after (logprobs.py says why). Adding 4096 to every logit, exact in fp32 for these
+    # quarter-integers, must then give the same bits forward and backward. A kernel that computes
+    # z / T first rounds it at 4096 / 0.7 ~ 5851, where fp32 values are 5e-4 apart: the version
+    # that did fails this by ~1e-4 even in the interpreter; on an H100, where the rounding of a
+    # division differed between uses, it failed the extreme-logit gradients at T = 0.7.
+    torch.manual_seed(0)
+    logits = torch.randint(-40, 40, (3, 4, 37), device=DEVICE).float() / 4
+    ref_logits = torch.randint(-40, 40, (3, 4, 37), device=DEVICE).float() / 4
+    targets = torch.randint(0, 37, (3, 4), device=DEVICE)
+    w = torch.randn(3, 3, 4, device=DEVICE)
+    outputs = []
+    for shift in (0.0, 4096.0):
+        x = (logits + shift).requires_grad_()
+        lp, h = token_logprobs(x, targets, temperature=0.7, return_entropy=True)
+        kl = kl_full(x, ref_logits - shift, temperature=0.7)
+        grads = torch.autograd.grad((lp * w[0] + h * w[1] + kl * w[2]).sum(), x)
+        outputs.append((lp, h, kl, *grads))
+    for unshifted, shifted in zip(*outputs):
+        assert torch.equal(unshifted, shifted)
 
 
 # ---- token_logprobs --------------------------------------------------------------------------
@@ -227,6 +407,7 @@ def test_token_logprobs_backward_makes_no_fp32_logits():
     # upcasts, fails both checks: the checks can fail.
     logits = random_logits((2, 3), 11, torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 11, (2, 3), device=DEVICE)
+    warm_up(token_logprobs, logits, targets)
     for fn, ok in ((token_logprobs, True), (token_logprobs_ref, False)):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -288,6 +469,7 @@ def test_kl_full_sliced_logits_and_no_gradient_to_the_reference():
 def test_kl_full_backward_makes_no_fp32_logits():
     logits = random_logits((2, 3), 11, torch.bfloat16).requires_grad_()
     ref_logits = random_logits((2, 3), 11, torch.bfloat16)
+    warm_up(kl_full, logits, ref_logits)
     for fn, ok in ((kl_full, True), (kl_full_ref, False)):
         big = big_tensors_of_backward(fn(logits, ref_logits).sum(), logits)
         assert (big == [(logits.numel(), torch.bfloat16)]) == ok
@@ -299,12 +481,14 @@ def test_backward_peak_memory_on_gpu(op):
     # on the device: what the backward allocates at its peak is the gradient and O(rows) more
     N, V = 256, 50257
     logits = random_logits((N,), V, torch.bfloat16).requires_grad_()
-    if op == "token_logprobs":
-        lp, h = token_logprobs(logits, torch.randint(0, V, (N,), device=DEVICE),
-                               return_entropy=True)
-        loss = (lp + h).sum()
-    else:
-        loss = kl_full(logits, random_logits((N,), V, torch.bfloat16)).sum()
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    ref_logits = random_logits((N,), V, torch.bfloat16)
+    args = (logits, targets) if op == "token_logprobs" else (logits, ref_logits)
+    fn = {"token_logprobs": lambda *a: token_logprobs(*a, return_entropy=True),
+          "kl_full": kl_full}[op]
+    warm_up(fn, *args)
+    out = fn(*args)
+    loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -312,6 +496,151 @@ def test_backward_peak_memory_on_gpu(op):
     torch.cuda.synchronize()
     grad_bytes = grad.numel() * grad.element_size()
     assert torch.cuda.max_memory_allocated() - before <= grad_bytes + 2**20
+
+
+# ---- linear_logprobs -------------------------------------------------------------------------
+
+# Its tolerances, from a bound like GAE's (u is fp32's unit roundoff, u_c the compute dtype's):
+#   - the fp32 logits sum H exact products, so they are off by <= Delta = H u sum_k |h_k w_k| (per
+#     row, the max over the vocabulary): the log-prob by <= 2 Delta / T and the entropy by
+#     <= (2 |entropy| + 2) Delta / T, beyond the fp32 softmax's own 1e-5 (FWD_TOL);
+#   - p is then off relatively by <= eps = 3 Delta / T + (V + 16) u (the logits, a sum of V
+#     exponentials, an exp, a log), so d loss / d logits by <= (|g_lp| + |g_h| (|log p + H| + 2))
+#     p eps / T, before its one rounding to the compute dtype (u_c relatively: the unfused path
+#     rounds the gradient of its bf16 logits the same way);
+#   - d hidden = dlogits @ weight carries those errors times |weight|, V u of fp32 accumulation,
+#     and a rounding to hidden's dtype (u_c); d weight the same with hidden and N.
+# A missing temperature factor, a transposed operand or a dropped chunk is off by the gradient
+# itself, far beyond these.
+# u_c for bf16 is a whole unit in the last place: the interpreter rounds fp32 to bf16 towards zero
+# (a GPU to nearest, half that).
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+
+
+def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3):
+    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above.
+    The weight goes in as the first V rows of a (V + pad, H) leaf, as the model passes its padded
+    lm_head. With autocast_dtype, the inputs go in under torch.autocast and the truth is computed
+    from them rounded to that dtype."""
+    dtype = autocast_dtype or hidden.dtype
+    u_c = UNIT_ROUNDOFF[dtype]
+    H, V = hidden.shape[-1], weight.shape[0]
+    # the truth, from the inputs as the kernel multiplies them
+    h64 = hidden.detach().to(dtype).double().requires_grad_()
+    w64 = weight.detach().to(dtype).double().requires_grad_()
+    logits64 = h64 @ w64.T
+    logits64.retain_grad()
+    lp64, ent64 = logprobs_fp64(logits64, targets, temperature)
+    w_lp, w_h = torch.randn(2, *targets.shape, device=DEVICE, dtype=torch.float64)
+    (lp64 * w_lp + ent64 * w_h).sum().backward()
+    lp64, ent64 = lp64.detach(), ent64.detach()
+    # the bounds
+    logp = torch.log_softmax(logits64.detach() / temperature, -1)
+    delta = H * U * (h64.detach().abs() @ w64.detach().abs().T).amax(-1)  # (...)
+    eps = 3 * delta / temperature + (V + 16) * U
+    gains = w_lp.abs()[..., None] + w_h.abs()[..., None] * (2 + (logp + ent64[..., None]).abs())
+    dlogits_error = (gains * logp.exp() * eps[..., None] / temperature
+                     + u_c * logits64.grad.abs()).reshape(-1, V)
+    dlogits_size = logits64.grad.abs().reshape(-1, V)
+    abs_h, abs_w = h64.detach().abs().reshape(-1, H), w64.detach().abs()
+    grad_h_bound = ((dlogits_error @ abs_w + V * U * (dlogits_size @ abs_w)).view(hidden.shape)
+                    + u_c * h64.grad.abs())
+    grad_w_bound = (dlogits_error.T @ abs_h + len(abs_h) * U * (dlogits_size.T @ abs_h)
+                    + u_c * w64.grad.abs())
+    # the kernel
+    x = hidden.detach().requires_grad_()
+    w_full = torch.cat([weight.detach(), torch.randn(pad, H, device=DEVICE).to(weight.dtype)])
+    w_full.requires_grad_()
+    with torch.autocast(DEVICE, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        lp, ent = kernels.linear_logprobs(x, w_full[:V], targets, temperature=temperature,
+                                          return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == targets.shape
+    assert_within(lp, lp64, 1e-5 + 1e-5 * lp64.abs() + 2 * delta / temperature)
+    assert_within(ent, ent64,
+                  1e-5 + 1e-5 * ent64.abs() + (2 * ent64.abs() + 2) * delta / temperature)
+    grad_h, grad_w = torch.autograd.grad((lp * w_lp + ent * w_h).sum(), (x, w_full))
+    assert grad_h.dtype == hidden.dtype and grad_w.dtype == weight.dtype
+    assert_within(grad_h, h64.grad, grad_h_bound)
+    assert_within(grad_w[:V], w64.grad, grad_w_bound)
+    assert not grad_w[V:].any()  # the pad rows are in no softmax
+
+
+def linear_inputs(lead, H, V, dtype):
+    hidden = torch.randn(*lead, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 0.3).to(dtype)
+    return hidden, weight, torch.randint(0, V, lead, device=DEVICE)
+
+
+@over_dtypes_and_temperatures
+def test_linear_logprobs(dtype, temperature):
+    # N, H and V not multiples of the interpreter's 16-wide tiles; V over three vocabulary splits
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature)
+
+
+@pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 50)])
+def test_linear_logprobs_shapes(lead, H, V):
+    # V = 1 (log-prob and entropy 0, no gradient); one row; hidden (..., H) with three leading
+    # dims, and V = 50 in four tiles over three splits of two tiles: the third split is empty
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_logprobs_in_chunks(monkeypatch, dtype):
+    # backward chunks of 32 columns, five of them: d hidden adds up over the chunks, in an fp32
+    # accumulator for 16-bit hidden states, in the gradient itself for fp32 ones
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 21 * 32 * dtype.itemsize)
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 131, dtype), 0.7)
+
+
+def test_linear_logprobs_under_autocast():
+    # the model's call: fp32 hidden states (LayerNorm output) and an fp32 weight under bf16
+    # autocast, multiplied in bf16 as F.linear would, their gradients fp32
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, torch.float32), 0.7,
+                          autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", range(len(linear_module.FWD_CONFIGS)))
+def test_linear_logprobs_every_gpu_tile(monkeypatch, tiles):
+    # a GPU autotunes over these tiles; under the interpreter each runs here once
+    monkeypatch.setattr(linear_module, "INTERPRET_TILES", {
+        **linear_module.FWD_CONFIGS[tiles].kwargs, **linear_module.GRAD_CONFIGS[tiles].kwargs})
+    torch.manual_seed(0)
+    check_linear_logprobs(*linear_inputs((21,), 72, 67, torch.bfloat16), 0.7)
+
+
+def test_linear_logprobs_holds_no_logits(monkeypatch):
+    # Forward and backward create no tensor of N * V elements or more (N = 20, V = 300; the
+    # weight and its gradient are 300 * 16): the backward's chunk is 64 columns here. The
+    # reference, which makes the logits, fails the check: it can fail.
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    warm_up(kernels.linear_logprobs, hidden, weight, targets)
+    for fn, ok in ((kernels.linear_logprobs, True), (kernels.linear_logprobs_ref, False)):
+        with NewTensors() as record:
+            lp, ent = fn(hidden, weight, targets, temperature=0.7, return_entropy=True)
+            torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+        assert (max(n for n, _ in record.made) < 20 * 300) == ok
+
+
+def test_linear_logprobs_follows_the_dispatch(monkeypatch):
+    # MINRLHF_KERNELS=torch runs the reference (on a GPU too); unset, CPU tensors get it
+    hidden, weight, targets = linear_inputs((5,), 8, 11, torch.float32)
+    expected = kernels.linear_logprobs_ref(hidden, weight, targets, temperature=0.7)
+    monkeypatch.setenv("MINRLHF_KERNELS", "torch")
+    assert torch.equal(kernels.linear_logprobs(hidden, weight, targets, temperature=0.7), expected)
+    monkeypatch.delenv("MINRLHF_KERNELS")
+    assert torch.equal(kernels.linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu(),
+                                               temperature=0.7), expected.cpu())
 
 
 # ---- gae and ppo_advantages ------------------------------------------------------------------
@@ -335,17 +664,68 @@ GAMMA_LAM = [(1.0, 0.95), (0.9, 0.0), (0.99, 1.0)]  # the defaults; no bootstrap
 def test_gae(B, T, mask_dtype, gamma, lam):
     torch.manual_seed(0)
     lengths, mask, rewards, values = random_rollout(B, T, mask_dtype)
-    advantages64, returns64 = gae_fp64(rewards, values, lengths, gamma, lam)
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
+                                                                        gamma, lam)
     for fn in (gae, gae_ref, gae_doubling_ref):
         advantages, returns = fn(rewards, values, mask, gamma=gamma, lam=lam)
-        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
-        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+        assert_within(advantages, advantages64, advantages_bound)
+        assert_within(returns, returns64, returns_bound)
+
+
+def test_gae_in_short_chunks(monkeypatch):
+    # chunks of 16 steps: many carries from one chunk to the one before, in gae and ppo_advantages
+    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", 16)
+    test_gae(4, 37, torch.bool, 1.0, 0.95)
+    test_gae(2, 1500, torch.bool, 0.99, 1.0)
+    test_ppo_advantages(4, 37, "k3")
+
+
+@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_T"] for c in gae_module.CONFIGS}))
+def test_gae_every_gpu_chunk(monkeypatch, block):
+    # a GPU autotunes over these chunk lengths; under the interpreter each runs here once, over
+    # a chunk and a bit (one row, T one past the chunk)
+    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", block)
+    torch.manual_seed(0)
+    T = block + 1
+    lengths = torch.tensor([T])
+    rewards, values = torch.randn(2, 1, T, device=DEVICE)
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
+                                                                        1.0, 0.95)
+    advantages, returns = gae(rewards, values, torch.ones(1, T, device=DEVICE), gamma=1.0, lam=0.95)
+    assert_within(advantages, advantages64, advantages_bound)
+    assert_within(returns, returns64, returns_bound)
+
+
+def test_gae_tolerance_can_fail():
+    # The bound grows with T and gamma * lam; at the loosest case it must still catch what a
+    # chunked scan gets wrong: a carry dropped at a chunk boundary (step 1024), or the decay
+    # gamma where it should be gamma * lam.
+    torch.manual_seed(0)
+    lengths, mask, rewards, values = random_rollout(2, 1500, torch.bool)
+    advantages64, _, bound, _ = gae_fp64(rewards, values, lengths, 0.99, 1.0)
+    row = 1  # the full row
+    t = torch.arange(1024)
+    dropped = advantages64.clone()
+    dropped[row, :1024] -= 0.99 ** (1024 - t) * advantages64[row, 1024]
+    assert ((dropped - advantages64).abs() > bound).any()
+    advantages64, _, bound, _ = gae_fp64(rewards, values, lengths, 1.0, 0.95)
+    wrong_decay = gae_fp64(rewards, values, lengths, 1.0, 1.0)[0]
+    assert ((wrong_decay - advantages64).abs() > bound).any()
 
 
 def kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator):
     log_ratio = ref_logprobs.double() - logprobs.double()
     return {"k1": -log_ratio, "k2": log_ratio**2 / 2,
             "k3": log_ratio.exp() - 1 - log_ratio}[kl_estimator]
+
+
+def kl_estimate_bound(logprobs, ref_logprobs, kl_estimator):
+    # fp32 error of an estimator of log r = ref_logprobs - logprobs: one rounding of log r, then a
+    # few operations (k3: an exp, whose argument's rounding counts |log r| times); with K the
+    # size of its terms, <= 8u (1 + |log r|) K
+    log_ratio = (ref_logprobs.double() - logprobs.double()).abs()
+    size = {"k1": log_ratio, "k2": log_ratio**2, "k3": log_ratio.exp() + 1 + log_ratio}
+    return 8 * U * (1 + log_ratio) * size[kl_estimator]
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
@@ -356,18 +736,24 @@ def test_ppo_advantages(B, T, kl_estimator):
     ref_logprobs = torch.where(mask.bool(), logprobs + torch.randn_like(logprobs), 1e4)
     scores = torch.randn(B, device=DEVICE)
     kl_coef, gamma, lam = 0.05, 1.0, 0.95
-    kl64 = torch.where(mask.bool(), kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator), 0.0)
-    rewards64 = -kl_coef * kl64.cpu()
+    valid = mask.bool().cpu()
+    kl64 = torch.where(valid, kl_fp64_estimate(logprobs, ref_logprobs, kl_estimator).cpu(), 0.0)
+    kl_bound = torch.where(valid, kl_estimate_bound(logprobs, ref_logprobs, kl_estimator).cpu(),
+                           0.0)
+    rewards64 = -kl_coef * kl64
     for b, n in enumerate(lengths.tolist()):
         if n > 0:
             rewards64[b, n - 1] += scores[b].item()
-    advantages64, returns64 = gae_fp64(rewards64, values, lengths, gamma, lam)
+    # the reward -kl_coef * kl (+ score) in fp32: kl's error, then a product and a sum
+    reward_error = kl_coef * kl_bound + U * (2 * kl_coef * kl64.abs() + rewards64.abs())
+    advantages64, returns64, advantages_bound, returns_bound = gae_fp64(
+        rewards64, values, lengths, gamma, lam, reward_error)
     for fn in (ppo_advantages, ppo_advantages_ref):
         advantages, returns, kl = fn(scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef,
                                      gamma=gamma, lam=lam, kl_estimator=kl_estimator)
-        torch.testing.assert_close(kl.cpu().double(), kl64.cpu(), **FWD_TOL)
-        torch.testing.assert_close(advantages.cpu().double(), advantages64, **FWD_TOL)
-        torch.testing.assert_close(returns.cpu().double(), returns64, **FWD_TOL)
+        assert_within(kl, kl64, kl_bound)
+        assert_within(advantages, advantages64, advantages_bound)
+        assert_within(returns, returns64, returns_bound)
 
 
 def test_ppo_advantages_rejects_an_unknown_estimator():

@@ -1,0 +1,360 @@
+"""linear_logprobs: token_logprobs of the logits hidden @ weight.T, straight from the hidden states
+(N, H) and the lm_head weight (V, H), forward and backward, without ever holding more than a chunk
+of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in fp32, and
+`token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
+
+Math as in logprobs.py, with z = hidden @ weight.T in fp32 and everything relative to the row max m
+in the logits' own units, scaled by 1/T after (logprobs.py says why):
+    logprob = (z_target - m) / T - log s,  s = sum_v exp((z_v - m) / T)
+    entropy = log s - (1/T) sum_v p_v (z_v - m)
+    d loss / d z_v = (g_logprob ([v = target] - p_v) - g_entropy p_v (log p_v + entropy)) / T
+    d hidden = dz @ weight,  d weight = dz.T @ hidden
+
+Forward (_fwd_kernel): a program owns BLOCK_N rows and one of `splits` parts of the vocabulary.
+For each BLOCK_V-wide tile of its part it computes the (BLOCK_N, BLOCK_V) logits with tl.dot over
+H in BLOCK_K steps (fp32 accumulator) and updates per-row running max, sum, entropy sum and the
+target's logit (the online softmax of Milakov & Gimelshein 2018); nothing of size V is written.
+The splits give at least two programs per SM when N / BLOCK_N alone would not (N = 8192 is 64 row
+blocks on an H100's 132 SMs); their per-row partial statistics, (4, splits, N) floats, are
+combined in PyTorch. Saved for the backward: hidden, weight, targets and 3 floats per row.
+
+Backward, over the vocabulary in chunks of Vc columns (Vc * N elements <= SCRATCH_BYTES):
+  1. _dlogits_kernel, a program per (BLOCK_N rows, BLOCK_V columns of the chunk): recomputes its
+     logits tile from hidden and weight (the one recompute) and writes d loss / d z there, from the
+     saved max and log-sum, into an (N, Vc) buffer in the compute dtype. That rounding is the one
+     the unfused path has too: token_logprobs's backward writes the logits' gradient in their
+     dtype before the lm_head's backward matmuls read it.
+  2. _grads_kernel, one launch with two kinds of programs, so that neither waits on the other:
+     - d weight: a program per (BLOCK_M rows of the chunk, BLOCK_H columns of H) reduces over all
+       N rows in registers (fp32) and writes those rows of the weight's gradient once. Complete
+       per chunk: no (V, H) fp32 accumulator (154 MB at V = 50257, H = 768; 2.1 GB at 128256,
+       4096) and no atomics.
+     - d hidden: a program per (BLOCK_M rows, BLOCK_H columns) adds dz_chunk @ weight_chunk to an
+       fp32 (N, H) accumulator that only it touches (read, add, write: no atomics). The last chunk
+       writes the result in hidden's dtype. No accumulator when hidden is fp32 (the gradient is
+       it) or when V fits in one chunk.
+That is four matmuls of 2NHV flops (forward, recompute, d hidden, d weight), the floor for one
+recompute. The traffic beyond them: the chunk buffer, written once and read twice (6NV bytes in
+all at bf16; 32 MiB fits an H100's L2), and the d hidden accumulator, read and written once per
+chunk (8NH bytes per chunk: at N = 16384, H = 768 and Vc = 1024, 50 chunks of 100 MB). The
+alternative, Cut Cross-Entropy's, recomputes each (rows, columns) tile once and adds both
+gradients with atomics: N V H (1/BLOCK_N + 1/BLOCK_V) additions, ~40 GB of fp32 atomics at
+N = 16384, V = 50257, H = 768, where its exact mode took 23.7 ms on an H100; its filtered mode
+skips small gradient tiles, which this op does not (exact). Deterministic: no atomics, so the
+same inputs give the same bits for a given tile configuration.
+
+Memory beyond inputs and gradients: the chunk buffer (<= SCRATCH_BYTES), the fp32 d hidden
+accumulator (4NH bytes, when hidden is 16-bit and V > Vc) and O(N) statistics: at N = 16384,
+H = 768 in bf16 that is 33.5 + 50.3 MB.
+
+Precision. bf16 and fp16 tiles go to tensor cores, whose products are exact and sums fp32. For
+fp32 inputs tl.dot would use TF32 on a GPU by default (a 10-bit mantissa: logits off by ~1e-3
+relatively); here it follows PyTorch's own setting for fp32 matmuls, so the kernel computes what
+F.linear would: IEEE fp32 under torch's default "highest", TF32 when the user allowed it
+(torch.set_float32_matmul_precision("high")). Under torch.autocast, as in the PPO loop, hidden
+(LayerNorm output, fp32) and the fp32 weight are first cast to the autocast dtype, as F.linear
+would, and their gradients flow back through the casts to fp32. The backward's recomputed logits
+equal the forward's up to fp32 rounding where autotuning picks different tile shapes for the two,
+so p there carries a relative error of a few ulps of |z| / T: nothing at real logits.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels._common import INTERPRET, autotune, tl, triton, use_triton
+from kernels.logprobs import token_logprobs_ref
+
+SCRATCH_BYTES = 32 * 2**20  # the backward's chunk of d loss / d logits
+CHUNK_MULTIPLE = 256  # chunk widths are a multiple of every tile width
+PROGRAMS_PER_SM = 2  # the forward splits the vocabulary until there are this many programs per SM
+
+# A GPU times these per shape; BLOCK_K is the same everywhere, so that the forward and the
+# backward add up the H products of a logit in the same order.
+_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3))
+FWD_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": 64}, num_warps=warps,
+                             num_stages=stages) for n, v, warps, stages in _TILES]
+GRAD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": 64}, num_warps=warps,
+                              num_stages=stages) for m, h, warps, stages in _TILES]
+# The interpreter's tiles: small, so that the tests' small shapes still span several of them.
+INTERPRET_TILES = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}
+
+# The interpreter multiplies bf16 tiles wrongly in tl.dot; it gets them in fp32, exactly (products
+# of two 16-bit floats fit in fp32's 24 bits), which the GPU's tensor cores also compute.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+def _interpret(*names):
+    return {name: (lambda args, name=name: INTERPRET_TILES[name]) for name in names}
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_wv, PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # (BLOCK_N, BLOCK_V) fp32: hidden[rows] @ weight[cols].T, over H in steps of BLOCK_K; rows
+    # and cols (int64) past N or V read zeros
+    z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, H, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                    mask=(rows[:, None] < N) & (ks[None, :] < H), other=0.0)  # (BLOCK_N, BLOCK_K)
+        w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
+                    mask=(cols[None, :] < V) & (ks[:, None] < H), other=0.0)  # (BLOCK_K, BLOCK_V)
+        z = _dot(h, w, z, PRECISION)
+    return z
+
+
+@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, targets_ptr, stats_ptr, N, H, V, stride_hn, stride_wv,
+                inv_temperature, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (row block, split): BLOCK_N rows against the split's tiles of the vocabulary. Writes
+    # per row its partial max m, s = sum exp((z - m) / T), w = sum exp((z - m) / T) (z - m) and
+    # the target's logit (0 if the target is in another split) to stats (4, splits, N).
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    targets = tl.load(targets_ptr + rows, mask=rows < N, other=-1)
+    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), splits)  # per split; the last ones may have none
+    v_start = split * tiles * BLOCK_V
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    z_target = tl.zeros((BLOCK_N,), tl.float32)
+    for v in range(v_start, tl.minimum(v_start + tiles * BLOCK_V, V), BLOCK_V):
+        cols = (v + tl.arange(0, BLOCK_V)).to(tl.int64)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_wv, PRECISION,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(cols[None, :] < V, z, float("-inf"))
+        z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp((m - m_new) * inv_temperature)  # 0 on the first tile, where m = -inf
+        d = z - m_new[:, None]
+        p = tl.exp(d * inv_temperature)
+        # as in logprobs.py; where(s > 0): no -inf * 0 on the first tile
+        w = alpha * (w + tl.where(s > 0, m - m_new, 0.0) * s)
+        w += tl.sum(p * tl.where(p > 0, d, 0.0), axis=1)
+        s = alpha * s + tl.sum(p, axis=1)
+        m = m_new
+    out = stats_ptr + split * N + rows
+    in_rows = rows < N
+    tl.store(out, m, mask=in_rows)
+    tl.store(out + splits * N, s, mask=in_rows)
+    tl.store(out + 2 * splits * N, w, mask=in_rows)
+    tl.store(out + 3 * splits * N, z_target, mask=in_rows)
+
+
+@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
+                    grad_logprobs_ptr, grad_entropy_ptr, dlogits_ptr, N, H, V, v0, width,
+                    stride_hn, stride_wv, stride_dn, inv_temperature, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (row block, column block of the chunk [v0, v0 + width)): recomputes its logits and
+    # writes d loss / d z into dlogits (N, >= width), in that buffer's dtype.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    chunk_cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = v0 + chunk_cols
+    in_rows = rows < N
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=-1)
+    m = tl.load(max_ptr + rows, mask=in_rows, other=0.0)
+    log_s = tl.load(log_sum_ptr + rows, mask=in_rows, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=in_rows, other=0.0)
+    grad_logprob = tl.load(grad_logprobs_ptr + rows, mask=in_rows, other=0.0)
+    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=in_rows, other=0.0)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_wv, PRECISION,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
+    z = tl.where(cols[None, :] < V, z, float("-inf"))  # p = 0 past the vocabulary
+    logp = (z - m[:, None]) * inv_temperature - log_s[:, None]
+    p = tl.exp(logp)
+    grad = grad_logprob[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
+    grad -= grad_entropy[:, None] * p * tl.where(p > 0, logp + entropy[:, None], 0.0)
+    grad *= inv_temperature
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + chunk_cols[None, :],
+             grad.to(dlogits_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & (chunk_cols[None, :] < width))
+
+
+@autotune(GRAD_CONFIGS, key=["N", "H", "width"],
+          interpret=_interpret("BLOCK_M", "BLOCK_H", "BLOCK_K"), restore_value=["dh_acc_ptr"])
+@triton.jit
+def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v0, width,
+                  stride_hn, stride_wv, stride_dn, PRECISION: tl.constexpr, FIRST: tl.constexpr,
+                  LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    # The first cdiv(width, BLOCK_M) * cdiv(H, BLOCK_H) programs each write a tile of d weight for
+    # the chunk's rows; the others each add a tile of d hidden (see the module's docstring).
+    pid = tl.program_id(0)
+    h_tiles = tl.cdiv(H, BLOCK_H)
+    dw_tiles = tl.cdiv(width, BLOCK_M) * h_tiles
+    if pid < dw_tiles:
+        # d weight[v0 + v, hs] = sum_n dlogits[n, v] hidden[n, hs]
+        vs = ((pid // h_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        hs = (pid % h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
+        for n in range(0, N, BLOCK_K):
+            ns = (n + tl.arange(0, BLOCK_K)).to(tl.int64)
+            dz = tl.load(dlogits_ptr + ns[None, :] * stride_dn + vs[:, None],
+                         mask=(ns[None, :] < N) & (vs[:, None] < width), other=0.0)  # dz.T
+            h = tl.load(h_ptr + ns[:, None] * stride_hn + hs[None, :],
+                        mask=(ns[:, None] < N) & (hs[None, :] < H), other=0.0)
+            acc = _dot(dz, h, acc, PRECISION)
+        tl.store(dw_ptr + (v0 + vs[:, None]) * H + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
+                 mask=(vs[:, None] < width) & (hs[None, :] < H))
+    else:
+        # d hidden[rows, hs] += sum_{v in the chunk} dlogits[rows, v] weight[v0 + v, hs]
+        pid -= dw_tiles
+        rows = ((pid // h_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        hs = (pid % h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        tile = rows[:, None] * H + hs[None, :]
+        in_tile = (rows[:, None] < N) & (hs[None, :] < H)
+        if FIRST:
+            acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
+        else:
+            acc = tl.load(dh_acc_ptr + tile, mask=in_tile, other=0.0)
+        for v in range(0, width, BLOCK_K):
+            vs = (v + tl.arange(0, BLOCK_K)).to(tl.int64)
+            dz = tl.load(dlogits_ptr + rows[:, None] * stride_dn + vs[None, :],
+                         mask=(rows[:, None] < N) & (vs[None, :] < width), other=0.0)
+            w = tl.load(w_ptr + (v0 + vs[:, None]) * stride_wv + hs[None, :],
+                        mask=(vs[:, None] < width) & (hs[None, :] < H), other=0.0)
+            acc = _dot(dz, w, acc, PRECISION)
+        if LAST:
+            tl.store(dh_ptr + tile, acc.to(dh_ptr.dtype.element_ty), mask=in_tile)
+        else:
+            tl.store(dh_acc_ptr + tile, acc, mask=in_tile)
+
+
+def _precision(dtype):
+    # tl.dot's input precision for fp32 tiles: what torch uses for an fp32 matmul (see docstring);
+    # 16-bit tiles ignore it
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _splits(N, V, device):
+    """How many parts the forward cuts the vocabulary into: enough for PROGRAMS_PER_SM programs
+    per SM with row blocks of 128, at most one per 128 columns. The interpreter: three, at most
+    one per 16 columns, so that the tests' small V has several parts, and sometimes an empty one
+    (the last, when there are fewer tiles than splits times tiles per split)."""
+    if device.type != "cuda":
+        return min(3, triton.cdiv(V, 16))
+    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(programs, triton.cdiv(N, 128)), triton.cdiv(V, 128)))
+
+
+def _chunk(N, V, element_size):
+    """Columns per backward chunk: as many as SCRATCH_BYTES of d loss / d logits hold, in
+    multiples of CHUNK_MULTIPLE, and no more than V needs."""
+    columns = SCRATCH_BYTES // max(1, N * element_size) // CHUNK_MULTIPLE * CHUNK_MULTIPLE
+    return min(max(CHUNK_MULTIPLE, columns), triton.cdiv(V, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        assert hidden.dtype == weight.dtype in (torch.float32, torch.bfloat16, torch.float16), \
+            "hidden and weight must have the same float dtype (or run under torch.autocast)"
+        H = hidden.shape[-1]
+        V = weight.shape[0]
+        assert weight.shape == (V, H), "weight must be (V, H), with hidden (..., H)"
+        h = hidden.reshape(-1, H)  # (N, H)
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        N = h.shape[0]
+        flat_targets = targets.reshape(-1).contiguous()  # (N,)
+        assert flat_targets.numel() == N, "targets must have hidden's leading shape"
+        inv_temperature = 1.0 / temperature
+        splits = _splits(N, V, h.device)
+        stats = torch.empty(4, splits, N, device=h.device)  # m, s, w, z_target per split
+        if N > 0:
+            _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](
+                h, weight, flat_targets, stats, N, H, V, h.stride(0), weight.stride(0),
+                inv_temperature, PRECISION=_precision(h.dtype))
+        # combine the splits, O(splits * N): rescale each to the overall max (a split without
+        # columns has m = -inf and s = 0, and counts for nothing)
+        m, s, w, z_target = stats
+        row_max = m.max(0).values
+        scale = torch.exp((m - row_max) * inv_temperature)
+        total = (scale * s).sum(0)
+        log_sum = total.log()
+        w = (scale * torch.where(s > 0, w + (m - row_max) * s, 0.0)).sum(0)
+        logprobs = (z_target.sum(0) - row_max) * inv_temperature - log_sum  # (N,)
+        entropy = log_sum - inv_temperature * w / total  # (N,)
+        ctx.save_for_backward(h, weight, flat_targets, row_max, log_sum, entropy)
+        ctx.hidden_shape = hidden.shape
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        # outputs are tensors of their own, so that callers may modify them in place: the saved
+        # entropy is a copy
+        return logprobs, entropy.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        h, weight, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        N, H = h.shape
+        V = weight.shape[0]
+        # an output that does not reach the loss contributes nothing: zeros, O(rows)
+        grad_logprobs = (torch.zeros_like(log_sum) if grad_logprobs is None
+                         else grad_logprobs.reshape(-1).float().contiguous())
+        grad_entropy = (torch.zeros_like(log_sum) if grad_entropy is None
+                        else grad_entropy.reshape(-1).float().contiguous())
+        if N == 0:
+            return h.new_zeros(ctx.hidden_shape), torch.zeros_like(weight), None, None
+        # the last chunk writes all of grad_hidden; each chunk its rows of grad_weight
+        grad_hidden = torch.empty(N, H, dtype=h.dtype, device=h.device)
+        grad_weight = torch.empty(V, H, dtype=weight.dtype, device=h.device)
+        chunk = _chunk(N, V, h.element_size())
+        dlogits = torch.empty(N, chunk, dtype=h.dtype, device=h.device)  # one chunk's d loss / dz
+        # d hidden adds up over the chunks in fp32: in its own gradient if that is fp32 or there
+        # is one chunk, else in a scratch accumulator
+        several = chunk < V and h.dtype != torch.float32
+        grad_hidden_acc = torch.empty(N, H, device=h.device) if several else grad_hidden
+        precision = _precision(h.dtype)
+        for v0 in range(0, V, chunk):
+            width = min(chunk, V - v0)
+            _dlogits_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),
+                                          triton.cdiv(width, meta["BLOCK_V"]))](
+                h, weight, targets, row_max, log_sum, entropy, grad_logprobs, grad_entropy,
+                dlogits, N, H, V, v0, width, h.stride(0), weight.stride(0), dlogits.stride(0),
+                1.0 / ctx.temperature, PRECISION=precision)
+            _grads_kernel[lambda meta: ((triton.cdiv(width, meta["BLOCK_M"])
+                                         + triton.cdiv(N, meta["BLOCK_M"]))
+                                        * triton.cdiv(H, meta["BLOCK_H"]),)](
+                dlogits, h, weight, grad_weight, grad_hidden_acc, grad_hidden, N, H, v0, width,
+                h.stride(0), weight.stride(0), dlogits.stride(0), PRECISION=precision,
+                FIRST=v0 == 0, LAST=v0 + width == V)
+        return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
+
+
+def linear_logprobs_ref(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+    """Reference: the logits, (..., V), by F.linear (under autocast in its dtype), then
+    token_logprobs_ref."""
+    logits = F.linear(hidden, weight)  # (..., V)
+    return token_logprobs_ref(logits, targets, temperature=temperature,
+                              return_entropy=return_entropy)
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+    """log softmax((hidden @ weight.T) / temperature) at `targets`, fp32 with targets' shape; with
+    return_entropy=True, the tuple (logprobs, entropy). hidden (..., H), weight (V, H) (the
+    lm_head's, or its first V rows), targets (...) in [0, V). Differentiable in hidden and weight.
+    The Triton path never holds more than a chunk of the (N, V) logits."""
+    if not use_triton(hidden):
+        return linear_logprobs_ref(hidden, weight, targets, temperature=temperature,
+                                   return_entropy=return_entropy)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # what F.linear would multiply, as autocast casts
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    logprobs, entropy = _LinearLogprobs.apply(hidden, weight, targets, float(temperature))
+    logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
+    return (logprobs, entropy) if return_entropy else logprobs
