@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import token_logprobs
+from kernels import linear_logprobs, token_logprobs
 
 # cuDNN attention is left out on purpose: it builds a new plan for every shape it has not seen,
 # and PPO brings a new prompt width every rollout (about 50 ms per decoded token on an H100 while
@@ -159,6 +159,9 @@ class GPT(nn.Module):
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
         with torch.no_grad():
             self.transformer.wte.weight[config.vocab_size:] = 0.0  # padding rows: never looked up, cut from every softmax
+        # log-probs of targets straight from the hidden states (kernels.linear_logprobs); the stages'
+        # --fused_lm_head false turns it off: the logits first, then kernels.token_logprobs
+        self.fused_lm_head = True
         # Checkpoints hold the vocab_size real rows only; the padding is a layout detail of this
         # process, added back on load.
         self.register_state_dict_post_hook(_cut_vocab_padding)
@@ -182,7 +185,8 @@ class GPT(nn.Module):
         Only positions from `start` on go through the head: T' = T - start outputs per row.
         Returns logits (B, T', vocab_size) for head="lm", or with targets (B, T') the fp32 log-probs
         of the targets under softmax(logits / temperature), and with return_entropy the tuple
-        (log-probs, entropy), through kernels.token_logprobs (no fp32 copy of the logits);
+        (log-probs, entropy), through kernels.linear_logprobs (the logits never held whole) or, with
+        fused_lm_head False, the logits and kernels.token_logprobs (no fp32 copy of them);
         values (B, T') for head="scalar"; the final hidden states (B, T', n_embd) with return_hidden=True."""
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
@@ -198,6 +202,9 @@ class GPT(nn.Module):
             return self.score(x).squeeze(-1)  # (B, T')
         if targets is None:
             return self.lm_logits(x)  # (B, T', V)
+        if self.fused_lm_head:  # the head's matmul and the log-softmax in one kernel (on CUDA): no (B, T', V) logits held
+            return linear_logprobs(x, self.lm_head.weight[:self.config.vocab_size], targets, temperature=temperature,
+                                   return_entropy=return_entropy)
         return token_logprobs(self.lm_logits(x), targets, temperature=temperature, return_entropy=return_entropy)
 
     def trunk(self, idx, pos, allowed, caches=None):

@@ -70,6 +70,7 @@ class Config:
     max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
     temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
     cuda_graph: bool = True  # on GPU, replay the decode step as a CUDA graph (false: the plain eager step)
+    fused_lm_head: bool = True  # log-probs straight from hidden states (kernels.linear_logprobs; false: logits, then token_logprobs)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
     kl_coef: float = 0.2  # beta: weight of the per-token KL penalty
     kl_estimator: str = "k1"  # per-token KL: k1 = log p/q, k2, k3 (Schulman's note on KL approximations)
@@ -241,6 +242,7 @@ def main():
     optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, 0.0, d.device, betas=(0.9, 0.999))
     ddp_policy = DDP(policy) if d.ddp else policy
     ddp_value = DDP(value_model) if d.ddp else value_model
+    policy.fused_lm_head = ref_policy.fused_lm_head = cfg.fused_lm_head
     # the policy's rollout copy: bf16 on GPU, refreshed once per rollout; its decode step a CUDA graph
     sampler = Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph)
 

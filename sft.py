@@ -47,6 +47,7 @@ class Config:
     warmup_steps: int = 50  # learning-rate warmup
     weight_decay: float = 0.1  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max gradient norm
+    fused_lm_head: bool = True  # log-probs straight from hidden states (kernels.linear_logprobs; false: logits, then token_logprobs)
     eval_every: int = 200  # steps between validation losses
     save_every: int = 0  # steps between checkpoints that --resume can continue from (0: at the end only)
     resume: bool = False  # continue from OUT/ckpt.pt (same settings; only --max_steps may change)
@@ -86,6 +87,7 @@ def main():
         enc = get_tokenizer(cfg.tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer)).to(d.device)
+    model.fused_lm_head = cfg.fused_lm_head
     enc = get_tokenizer(model.config.tokenizer)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")
 

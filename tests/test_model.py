@@ -318,3 +318,26 @@ def test_no_mask_equals_mask_for_right_padding():
     mask[2, 2:] = 0
     real = mask.bool()
     torch.testing.assert_close(model(idx)[real], model(idx, mask)[real], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fused_lm_head_equals_logits_then_logprobs(monkeypatch, kernels):
+    # the model's two ways to log-probs of targets: straight from the hidden states
+    # (kernels.linear_logprobs) and through the logits (kernels.token_logprobs); with triton,
+    # the Triton kernels themselves (the interpreter on CPU), padded vocabulary included
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MINRLHF_KERNELS", kernels)
+    model = tiny_gpt()
+    ids, mask = left_pad(PROMPTS)
+    targets = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for fused in (True, False):
+        model.fused_lm_head = fused
+        model.zero_grad()
+        logprobs, entropy = model(ids, mask, start=3, targets=targets, temperature=0.7, return_entropy=True)
+        (logprobs.sum() + 0.5 * entropy.sum()).backward()
+        out[fused] = (logprobs, entropy, model.transformer.wte.weight.grad.clone(), model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (out[True][2][50:] == 0).all()  # the padding rows get no gradient
