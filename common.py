@@ -82,7 +82,7 @@ def setup(device="", seed=0):
     if ddp:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
-    if device == "cpu":
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the cores
     return Dist(ddp, rank, local_rank, world, torch.device(device))
 
