@@ -304,8 +304,9 @@ def main():
             norm_seqs = sft_samples(policy, prompts, seed=cfg.seed)
 
     t0 = time.time()
-    for k in range(cfg.ensemble):
-        result = train_member(cfg, d, k, first if k == 0 else None, train, val, steps, accum, max_tokens, norm_seqs)
+    results = [train_member(cfg, d, k, first if k == 0 else None, train, val, steps, accum, max_tokens, norm_seqs)
+               for k in range(cfg.ensemble)]
+    result = results[0] if cfg.ensemble == 1 else " | ".join(f"member {k}: {r}" for k, r in enumerate(results))
     saved = f"{cfg.out}/ckpt.pt" + (f" and {cfg.ensemble - 1} more members in {cfg.out}/member*/" if cfg.ensemble > 1 else "")
     print0(done_line("reward", stats, result + f" in {time.time() - t0:.0f}s", saved, d.device))
     cleanup(d)
