@@ -13,6 +13,7 @@ N+ implementation details). The loss cannot see such a shift, so accuracy is unc
     python reward.py                                    # built-in task: SFT samples ranked by the simulated raters
     python reward.py --data rankings.jsonl --init out/sft/ckpt.pt --out out/reward
     python reward.py --ensemble 3 --out out/reward3        # three members: out/reward3/ckpt.pt, member1/, member2/
+    python reward.py --init out/sft/ckpt.pt,out/sft1/ckpt.pt,out/sft2/ckpt.pt --out out/reward3   # one per SFT trunk
     torchrun --nproc_per_node=2 reward.py
 
 An ensemble (--ensemble K) is K reward models trained from the same SFT trunk, each with its own
@@ -20,7 +21,10 @@ seed for the head and the data order (and with --bootstrap its own resample of t
 Member 0 is OUT/ckpt.pt, exactly what a single run writes; member k is OUT/member{k}/ckpt.pt, and
 OUT/ckpt.pt records K, so one --reward path loads them all (load_ensemble). PPO then optimises the
 conservative score mean - c * std over the members (Coste et al. 2023, "Reward Model Ensembles
-Help Mitigate Overoptimization").
+Help Mitigate Overoptimization"). With --init A,B,C each member starts from its own SFT trunk
+(SFT run with another seed): members that share no trunk disagree more off the data than members
+that differ only in their head and data order (Eisenstein et al. 2023, "pretrain" against
+"finetune" ensembles); the first trunk is PPO's policy, and normalisation samples from it.
 
 Data: rankings JSONL {prompt, responses, ranking, rater?}; preference pairs {prompt, chosen,
 rejected} and HH-RLHF {chosen, rejected} files work as they are.
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CheckpointError, Logger, all_reduce_mean, autocast, cleanup, done_line, load_checkpoint, load_model, lr_at, \
+from common import CheckpointError, ConfigError, Logger, all_reduce_mean, autocast, cleanup, done_line, load_checkpoint, load_model, lr_at, \
     make_optimizer, micro_batches, parse_config, print0, resume_checkpoint, rng_states, run_main, save_checkpoint, \
     set_rng_states, setup, token_batches
 from data import task
@@ -53,7 +57,7 @@ class Config:
     val_data: str = ""  # held-out rankings; default: the prompts of --data whose hash falls in val_frac
     task_prompts: int = 2000  # --data task: how many train prompts to sample and rank
     val_frac: float = 0.1  # share of prompts held out when there is no --val_data
-    init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the trunk the reward model starts from
+    init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the trunk the reward model starts from (A,B,C: an ensemble member from each)
     out: str = "out/reward"  # output directory: ckpt.pt, metrics.jsonl
     batch_size: int = 32  # rankings (prompts) per optimizer step, over all processes
     micro_batch_size: int = 0  # rankings per forward pass per process (0: batch_size / processes; less accumulates gradients)
@@ -251,18 +255,23 @@ def main():
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
     cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
+    trunks = cfg.init.split(",")  # several: one member from each trunk, the first being PPO's policy
+    if len(trunks) > 1:
+        if cfg.ensemble not in (1, len(trunks)):
+            raise ConfigError(f"--init names {len(trunks)} trunks but --ensemble is {cfg.ensemble}; give one member per trunk")
+        cfg.ensemble = len(trunks)
     assert cfg.ensemble >= 1, "--ensemble must be at least 1"
 
     # ---- model: the SFT trunk with a new scalar head (member 0's; each member draws its own head)
     torch.manual_seed(cfg.seed)
-    first = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
+    first = load_model(trunks[0], kind=("policy", "reward"), head="scalar", device=d.device)
     enc = get_tokenizer(first.config.tokenizer)
     eot, block = enc.eot_token, first.config.block_size
 
     # ---- data: rankings -> (sequences, pairs)
     stats = {}
     if cfg.data == "task":  # steps 2-3 of train.sh in one: K samples per prompt, ranked by the simulated raters
-        policy = load_model(cfg.init, kind="policy", device=d.device)
+        policy = load_model(trunks[0], kind="policy", device=d.device)
         prompts = task.prompts("train")[:cfg.task_prompts]
         rows = task.rate([{"prompt": p, "responses": r} for p, r in zip(prompts, sample_responses(policy, prompts, k=4, seed=cfg.seed))],
                          seed=cfg.seed)
@@ -296,15 +305,15 @@ def main():
     norm_seqs = None
     if cfg.normalize and d.master:  # only rank 0 saves, so only rank 0 needs the shift
         try:
-            policy = load_model(cfg.init, kind="policy", device=d.device)
+            policy = load_model(trunks[0], kind="policy", device=d.device)
         except CheckpointError:
-            print0(f"normalize: skipped, {cfg.init} is not an SFT (policy) checkpoint to sample from")
+            print0(f"normalize: skipped, {trunks[0]} is not an SFT (policy) checkpoint to sample from")
         else:
             prompts = list(dict.fromkeys(r["prompt"] for r in train_rows))[:cfg.normalize_prompts]
             norm_seqs = sft_samples(policy, prompts, seed=cfg.seed)
 
     t0 = time.time()
-    results = [train_member(cfg, d, k, first if k == 0 else None, train, val, steps, accum, max_tokens, norm_seqs)
+    results = [train_member(cfg, d, k, first if k == 0 else None, first.config.tokenizer, train, val, steps, accum, max_tokens, norm_seqs)
                for k in range(cfg.ensemble)]
     result = results[0] if cfg.ensemble == 1 else " | ".join(f"member {k}: {r}" for k, r in enumerate(results))
     saved = f"{cfg.out}/ckpt.pt" + (f" and {cfg.ensemble - 1} more members in {cfg.out}/member*/" if cfg.ensemble > 1 else "")
@@ -312,7 +321,7 @@ def main():
     cleanup(d)
 
 
-def train_member(cfg, d, k, model, train, val, steps, accum, max_tokens, norm_seqs):
+def train_member(cfg, d, k, model, tokenizer, train, val, steps, accum, max_tokens, norm_seqs):
     """Train ensemble member k (member 0 is the whole run when --ensemble is 1) and save it in
     member_dir(cfg.out, k); model: its starting point, or None to load it. Returns the closing
     summary of its validation."""
@@ -321,15 +330,19 @@ def train_member(cfg, d, k, model, train, val, steps, accum, max_tokens, norm_se
     if ckpt is not None and ckpt["resume"].get("finished"):
         print0(f"reward model {k}: already trained ({out}/ckpt.pt)")
         return " | ".join(f"{n} {v:.4g}" for n, v in ckpt.items() if n.startswith("val/"))
+    trunks = cfg.init.split(",")
+    trunk = trunks[k] if len(trunks) > 1 else trunks[0]
     if model is None:  # the SFT trunk with a new scalar head, its init drawn from this member's seed
         torch.manual_seed(cfg.seed + k)
-        model = load_model(cfg.init, kind=("policy", "reward"), head="scalar", device=d.device)
+        model = load_model(trunk, kind=("policy", "reward"), head="scalar", device=d.device)
+        if model.config.tokenizer != tokenizer:
+            raise CheckpointError(f"{trunk}: uses tokenizer {model.config.tokenizer!r}, but {trunks[0]} uses {tokenizer!r}")
     gen = torch.Generator().manual_seed(cfg.seed + k)  # the same on every process: they agree on the batch
     if cfg.bootstrap:  # Efron's bootstrap: as many rankings, drawn with replacement
         train = [train[i] for i in torch.randint(len(train), (len(train),), generator=gen).tolist()]
     if cfg.ensemble > 1:
         print0(f"reward model {k + 1} of {cfg.ensemble} (seed {cfg.seed + k}{', bootstrap' if cfg.bootstrap else ''}) -> {out}")
-    print0(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}, device {d.device}, {d.world_size} process(es)")
+    print0(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {trunk}, device {d.device}, {d.world_size} process(es)")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
     ddp_model = DDP(model) if d.ddp else model
     eot = get_tokenizer(model.config.tokenizer).eot_token

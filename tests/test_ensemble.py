@@ -154,3 +154,16 @@ def test_ppo_from_a_judge_alone(tiny_ckpts, tmp_path):
     # the value model is the policy's trunk with a new head (no reward model to start from)
     assert value["model_config"]["head"] == "scalar" and value["model_config"]["n_embd"] == policy["model_config"]["n_embd"]
     assert os.path.exists(out / "best.pt")  # the judge picks the best checkpoint
+
+
+def test_ensemble_of_trunks_one_member_each(rankings, tmp_path):
+    run("sft.py", *SFT_ARGS, "--seed", 1, "--out", tmp_path / "sft1")
+    trunks = f"{rankings / 'sft' / 'ckpt.pt'},{tmp_path / 'sft1' / 'ckpt.pt'}"
+    args = [a if a != rankings / "sft" / "ckpt.pt" else trunks for a in reward_args(rankings)]
+    run("reward.py", *args, "--out", tmp_path / "rm")
+    members = reward.load_ensemble(str(tmp_path / "rm"))
+    sft1 = load_checkpoint(str(tmp_path / "sft1"))["model"]
+    assert len(members) == 2
+    # member 1 started from the second trunk: its embedding moved from there, not from the first's
+    moved = [(m.state_dict()["transformer.wpe.weight"] - sft1["transformer.wpe.weight"]).abs().mean() for m in members]
+    assert moved[1] < moved[0]
