@@ -59,6 +59,13 @@ def prompt_batch(s, g, device):
     return ids.to(device), mask.to(device)
 
 
+def advantages(old, ref, values, scores):
+    """The step both paths share after scoring: KL-shaped rewards and GAE, whitened."""
+    mask = torch.ones_like(old)
+    adv, returns, _ = ppo_advantages(scores, old, ref, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
+    return old, values, masked_whiten(adv, mask), returns, mask
+
+
 class Ours:
     """ppo.py's update, phase by phase."""
 
@@ -88,10 +95,7 @@ class Ours:
                         response_logprobs(self.ref, seq[c], seq_mask[c], P, 1.0),
                         response_values(self.value, seq[c], seq_mask[c], P),
                         ensemble_scores([self.reward], seq[c], seq_mask[c])[0]))
-        old, ref, values, scores = (torch.cat(x) for x in zip(*out))
-        mask = torch.ones_like(old)
-        advantages, returns, _ = ppo_advantages(scores, old, ref, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
-        return old, values, masked_whiten(advantages, mask), returns, mask
+        return advantages(*(torch.cat(x) for x in zip(*out)))
 
     def train(self, seq, seq_mask, P, old, old_values, advantages, returns, mask):
         self.policy.train()
@@ -156,10 +160,7 @@ class HuggingFace:
                 out.append((self.logprobs(self.policy, seq[c], seq_mask[c], P), self.logprobs(self.ref, seq[c], seq_mask[c], P),
                             self.value(seq[c], seq_mask[c], pos[c])[:, P - 1:-1].float(),
                             self.reward(seq[c], seq_mask[c], pos[c])[:, -1].float()))
-        old, ref, values, scores = (torch.cat(x) for x in zip(*out))
-        mask = torch.ones_like(old)
-        advantages, returns, _ = ppo_advantages(scores, old, ref, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
-        return old, values, masked_whiten(advantages, mask), returns, mask
+        return advantages(*(torch.cat(x) for x in zip(*out)))
 
     def train(self, seq, seq_mask, P, old, old_values, advantages, returns, mask):
         self.policy.train()
