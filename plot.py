@@ -154,7 +154,7 @@ def main():
     out = args.out or os.path.join(args.paths[0], "curves.png" if len(args.paths) == 1 else "overlay.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_png(fig, out)
-    print(f"wrote {out}: {len(drawn)} panels ({', '.join(drawn)}) from {len(runs)} run(s)")
+    print(f"wrote {out}: {len(runs)} run(s), panels {', '.join(drawn)}")
 
 
 if __name__ == "__main__":
