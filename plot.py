@@ -103,8 +103,8 @@ def draw(runs, names=None):
         raise ConfigError(f"{', '.join(labels)}: nothing to draw, no metric of {asked} was logged")
 
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(len(panels) / cols)),
-                             dpi=DPI, squeeze=False)
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), dpi=DPI, squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.remove()
     for ax, (name, stage, title, keys) in zip(axes.flat, panels):
