@@ -54,7 +54,7 @@ class Config:
     loss: str = "sigmoid"  # sigmoid (DPO) or ipo
     beta: float = 0.1  # strength of the pull to the reference (Rafailov et al.'s default; smaller lets the policy drift further)
     label_smoothing: float = 0.0  # sigmoid loss: the assumed chance that a label is flipped (conservative DPO; 0: plain DPO)
-    nll_coef: float = 0.0  # weight of an SFT loss on each prompt's best responses (RPO, Llama 3); 0: plain DPO, which reached the target alone
+    nll_coef: float = 1.0  # weight of a per-token SFT loss on each prompt's best responses (RPO, Pang et al. 2024, their 1; Llama 3): plain DPO lowers the chosen responses' likelihood too, only the rejected faster (Pal et al. 2024), which drifts off what the data showed to be right; 0: plain DPO
     batch_size: int = 32  # rankings (prompts) per optimizer step, over all processes
     micro_batch_size: int = 0  # rankings per forward pass per process (0: batch_size / processes; less accumulates gradients)
     epochs: int = 2  # passes over the training rankings (DPO overfits the pairs past a few: the margins grow, held-out accuracy does not)
