@@ -131,10 +131,15 @@ def best_nll(logprobs, lengths, batch):
     return torch.stack(nlls).mean()
 
 
-def pair_stats(prefix, loss, chosen, rejected):
-    margin = chosen - rejected
-    return {f"{prefix}loss": loss, f"{prefix}rewards/chosen": chosen.mean().item(), f"{prefix}rewards/rejected": rejected.mean().item(),
-            f"{prefix}rewards/margin": margin.mean().item(), f"{prefix}accuracy": (margin > 0).float().mean().item()}
+def pair_stats(prefix, loss, chosen, rejected, d=None):
+    """Means over every pair (of every process, when d is given) of the implicit rewards, their
+    margin, and how often the chosen response's is the higher."""
+    sums = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), torch.tensor(float(len(chosen)))])
+    if d is not None:
+        sums = all_reduce_mean(sums, d)  # the ratios below are the same with sums or with their means
+    c, r, right, n = sums.tolist()
+    return {f"{prefix}loss": loss, f"{prefix}rewards/chosen": c / n, f"{prefix}rewards/rejected": r / n,
+            f"{prefix}rewards/margin": (c - r) / n, f"{prefix}accuracy": right / n}
 
 
 def main():
@@ -258,7 +263,7 @@ def main():
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = {k: all_reduce_mean(v, d) for k, v in pair_stats("", loss_sum, torch.cat(chosen), torch.cat(rejected)).items()}
+        metrics = pair_stats("", all_reduce_mean(loss_sum, d), torch.cat(chosen), torch.cat(rejected), d)
         metrics.update({"grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                         "tok/s": round(all_reduce_mean(tokens, d) * d.world_size / (time.time() - t1))})
         if cfg.nll_coef:

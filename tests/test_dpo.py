@@ -75,7 +75,7 @@ def dpo_run(tiny_ckpts, rankings, out, *args, nproc=1):
 
 
 def test_dpo_starts_at_the_reference_and_moves_away(tiny_ckpts, rankings, tmp_path):
-    dpo_run(tiny_ckpts, rankings, tmp_path / "dpo", "--lr", 3e-3)
+    dpo_run(tiny_ckpts, rankings, tmp_path / "dpo", "--lr", 3e-3, "--nll_coef", 0)  # the DPO loss alone
     rows = metrics(tmp_path / "dpo")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     first = rows[0]  # before any step the policy is its reference: every implicit reward is exactly 0
