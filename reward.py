@@ -78,10 +78,11 @@ class Config:
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
 
 
-def encode_rankings(enc, rows, block_size, stats):
-    """Rankings -> [(sequences, pairs)]: every response as prompt + response + EOS token ids,
-    and the (better, worse) index pairs its ranking implies. A ranking with a response that does
-    not fit the context, or with no pair at all (all tied), is dropped and counted."""
+def encode_rankings(enc, rows, block_size, stats, split=False):
+    """Rankings -> [(sequences, pairs, row)]: every response as prompt + response + EOS token ids
+    (split=True: as the pair (prompt_ids, response_ids), for a loss on the response alone), and the
+    (better, worse) index pairs its ranking implies. A ranking with a response that does not fit
+    the context, or with no pair at all (all tied), is dropped and counted."""
     out = []
     for row in rows:
         examples = [{"prompt": row["prompt"], "response": r} for r in row["responses"]]
@@ -92,7 +93,7 @@ def encode_rankings(enc, rows, block_size, stats):
         if len(seqs) < len(examples) or not pairs:
             stats["dropped"] = stats.get("dropped", 0) + 1
             continue
-        out.append(([p + r for p, r in seqs], pairs, row))
+        out.append((seqs if split else [p + r for p, r in seqs], pairs, row))
     return out
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common import compute_dtype, load_model, parse_config, pick_device, run_main
 from data import task
-from data.formats import load_prompts, write_jsonl
+from data.formats import DataError, load_prompts, write_jsonl
 from data.tokenizer import get_tokenizer, pad
 from model import Sampler
 
@@ -30,6 +30,7 @@ class Config:
     prompts: str = "task"  # prompts JSONL, or "task" for the built-in task
     split: str = "test"  # built-in task: train / val / test prompts
     n: int = 8  # how many prompts (0: all)
+    offset: int = 0  # skip this many prompts first (round r of train.sh takes the prompts after those of rounds 1..r-1)
     k: int = 1  # responses per prompt
     out: str = ""  # write a candidates JSONL here instead of printing
     max_new_tokens: int = 40  # longest response in tokens
@@ -92,16 +93,18 @@ def sample_responses(model, prompts, k=1, *, batch_size=256, seed=0, max_new_tok
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
-def get_prompts(source, split="test", n=0):
-    """The prompts to sample: the built-in task's split, or a file's."""
+def get_prompts(source, split="test", n=0, offset=0):
+    """The prompts to sample: the built-in task's split, or a file's; n of them (0: all) after the first offset."""
     prompts = task.prompts(split) if source == "task" else load_prompts(source)
-    return prompts[:n] if n else prompts
+    return prompts[offset:offset + n] if n else prompts[offset:]
 
 
 def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
-    prompts = get_prompts(cfg.prompts, cfg.split, cfg.n)
+    prompts = get_prompts(cfg.prompts, cfg.split, cfg.n, cfg.offset)
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no prompts left after skipping the first {cfg.offset}")
     sampling = dict(k=cfg.k, batch_size=cfg.batch_size, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, progress=True)
     paths = [cfg.init] + ([cfg.compare] if cfg.compare else [])
