@@ -252,12 +252,12 @@ def main():
             logprobs, lengths = sequence_logprobs(ddp_model, [ex for examples, _, _ in micro for ex in examples], eot, d.device)
             tokens += int(lengths.sum())
             loss, c, r = dpo_loss(logprobs - torch.cat([ref_train[i] for i in idx]), micro, cfg.beta, cfg.loss, cfg.label_smoothing)
+            loss_sum += loss.item() / accum  # logged as "loss": the DPO loss alone, as val/loss is
             if cfg.nll_coef:
                 nll = best_nll(logprobs, lengths, micro)
                 loss = loss + cfg.nll_coef * nll
                 nll_sum += nll.item() / accum
             (loss / accum).backward()
-            loss_sum += loss.item() / accum
             chosen.append(c)
             rejected.append(r)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -35,6 +35,11 @@ PANELS = [
     ("entropy", "ppo", "PPO entropy", ["objective/entropy"]),
     ("clipfrac", "ppo", "PPO clip fraction", ["ppo/clipfrac"]),
     ("resp_len", "ppo", "PPO response length", ["rollout/resp_len", "eval/resp_len"]),
+    ("dpo_loss", "dpo", "DPO loss", ["loss", "val/loss"]),
+    ("dpo_margin", "dpo", "DPO implicit reward margin", ["rewards/margin", "val/rewards/margin"]),
+    ("dpo_accuracy", "dpo", "DPO pair accuracy", ["accuracy", "val/accuracy"]),
+    ("dpo_gold", "dpo", "DPO gold score (held-out)", ["val/gold"]),
+    ("dpo_kl", "dpo", "DPO KL to the reference (held-out)", ["val/kl"]),
 ]
 STAGES = ["sft", "reward", "ppo", "dpo"]  # the folders of a pipeline's OUT, in train.sh's order
 LINE_STYLES = ["-", "--", ":"]

@@ -7,6 +7,7 @@
 #   5. PPO against the reward model             -> out/ppo/ckpt.pt
 #      and/or DPO on the same rankings          -> out/dpo/ckpt.pt
 #   6. eval: each against SFT under the gold judge -> out/eval.json, out/eval_dpo.json, out/summary.json
+#   7. pictures of every stage's curves           -> out/curves.png
 #
 #   ./train.sh               # the full run (about 10 minutes on 2 CPU cores)
 #   QUICK=1 ./train.sh       # a tiny version, about 2 minutes
@@ -109,6 +110,8 @@ ALL_RANKINGS=()
 for r in $(seq 1 "$ROUNDS"); do
     one_round "$r"
 done
+
+python plot.py "$OUT"  # every stage's curves (round 1's): $OUT/curves.png
 
 python - "$OUT" "$ROUNDS" <<'EOF'
 import json, os, sys

@@ -47,6 +47,15 @@ def ppo_rows(scale=1.0, gold=True):
     return rows
 
 
+def dpo_rows():
+    """DPO as dpo.py logs it: a row per step, the held-out val/* at step 0 and every 5 steps."""
+    val = lambda s: {"val/loss": 0.69 - s / 100, "val/rewards/margin": s / 20, "val/accuracy": 0.5 + s / 40,
+                     "val/kl": s / 10, "val/gold": 1 + s / 10}
+    return [{"step": 0, "time": 0, **val(0)}] + [
+        {"step": s, "time": s, "loss": 0.69 - s / 50, "rewards/margin": s / 10, "accuracy": 0.5 + s / 30, "nll": 0.3,
+         **(val(s) if s % 5 == 0 else {})} for s in range(1, 11)]
+
+
 def run_plot(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "plot.py", *map(str, args)], cwd=ROOT, env=env,
@@ -61,11 +70,12 @@ def test_pipeline_draws_every_panel(tmp_path):
     write_metrics(tmp_path / "sft", sft_rows())
     write_metrics(tmp_path / "reward", reward_rows())
     write_metrics(tmp_path / "ppo", ppo_rows())
+    write_metrics(tmp_path / "dpo", dpo_rows())
     write_metrics(tmp_path / "reward" / "member1", reward_rows())  # an ensemble member: not a stage
     proc = run_plot(tmp_path)
     assert proc.returncode == 0, proc.stderr
     names = [name for name, _, _, _ in plot.PANELS]
-    assert proc.stdout.strip() == f"wrote {tmp_path / 'curves.png'}: 3 run(s), panels {', '.join(names)}"
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'curves.png'}: 4 run(s), panels {', '.join(names)}"
 
     # the same figure in-process: each panel holds one line per key, with that key's numbers
     fig, drawn = plot.draw(plot.load_runs([str(tmp_path)]))
@@ -73,7 +83,7 @@ def test_pipeline_draws_every_panel(tmp_path):
     lines = lines_by_panel(fig)
     assert list(lines) == [title for _, _, title, _ in plot.PANELS]
     for _, stage, title, keys in plot.PANELS:
-        rows = {"sft": sft_rows, "reward": reward_rows, "ppo": ppo_rows}[stage]()
+        rows = {"sft": sft_rows, "reward": reward_rows, "ppo": ppo_rows, "dpo": dpo_rows}[stage]()
         assert [line.get_label() for line in lines[title]] == keys
         for line, key in zip(lines[title], keys):
             assert list(line.get_xdata()) == [r["step"] for r in rows if key in r]
