@@ -71,6 +71,8 @@ def judge_scores(judge, spec, prompts, responses):
     wrong count or answers something other than a finite number stops with one sentence that
     names the judge and the response."""
     prompts, responses = list(prompts), list(responses)
+    if not responses:
+        return []
     try:
         scores = judge(prompts, responses)
     except Exception as e:
