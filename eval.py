@@ -4,12 +4,15 @@ Score a policy checkpoint, or two side by side, on held-out prompts, and write J
 - gold: mean gold score of sampled responses (built-in task: the hidden judge), and how often
   each of its criteria holds (correct sum, greeting by the person's own name, polite, rude, ...)
 - win_rate: how often --init's response beats --compare's under the gold judge, ties half
+- judge, judge_win_rate: the same under a judge function (--judge FILE.py:fn, see rate.py), on
+  any prompts; gold and its criteria only on the built-in task's prompts
 - rm_score: mean reward-model score (--reward)
 - kl: mean KL(policy || reference) per response in nats, exact over the vocabulary (--ref)
 - perplexity: on held-out demonstrations, the check that catches a policy that forgot how to write
 
     python eval.py --init out/ppo/ckpt.pt --compare out/sft/ckpt.pt --reward out/reward/ckpt.pt --ref out/sft/ckpt.pt
     python eval.py --init out/ppo/ckpt.pt --prompts prompts.jsonl --demos demos.jsonl --out eval.json
+    python eval.py --init out/ppo/ckpt.pt --compare out/sft/ckpt.pt --judge judges/great_day.py:great_day
 
 Both models answer the same prompts, each sampled at --temperature with a seed of its own.
 """
@@ -28,6 +31,7 @@ from data.formats import load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer
 from kernels import kl_full
 from ppo import response_mask
+from rate import judge_scores, load_judge
 from reward import last_token_scores
 from sample import decode, encode_prompts, generate, get_prompts
 from sft import demo_batch, nll_sum
@@ -39,6 +43,7 @@ class Config:
     compare: str = ""  # a second policy: both are scored, and --init's win rate against it
     reward: str = ""  # reward model checkpoint, for rm_score
     ref: str = ""  # reference policy (usually SFT), for the KL
+    judge: str = ""  # a judge FILE.py:fn(prompts, responses) -> [float]: its mean score, and the win rate under it
     prompts: str = "task"  # prompts JSONL, or "task" for the built-in task's test prompts
     n: int = 400  # how many prompts (0: all)
     demos: str = "task"  # held-out demonstrations for perplexity ("task": the task's val split; "": skip)
@@ -98,6 +103,11 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def win_rate(a, b):
+    """How often score a beats score b, prompt by prompt; ties count half."""
+    return mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
+
+
 def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
@@ -105,6 +115,7 @@ def main():
     on_task = all(task.is_task_prompt(p) for p in prompts)
     reward_model = load_model(cfg.reward, kind="reward", device=device).eval() if cfg.reward else None
     ref_model = load_model(cfg.ref, kind="policy", device=device).eval() if cfg.ref else None
+    judge = load_judge(cfg.judge) if cfg.judge else None
     if cfg.demos == "task":
         demos = task.demonstrations("val", 500, seed=1)
     else:
@@ -129,6 +140,10 @@ def main():
             judged = [task.judge(p, t) for p, t in zip(prompts, r["responses"])]
             m["criteria"] = {k: mean([float(j[k]) for j in judged]) for k in judged[0]}  # rates, and mean words
             samples[path + ":gold"] = r["gold"]
+        if judge is not None:
+            r["judge"] = judge_scores(judge, cfg.judge, prompts, r["responses"])
+            m["judge"] = mean(r["judge"])
+            samples[path + ":judge"] = r["judge"]
         if demos:
             m["perplexity"] = perplexity(model, demos, cfg.max_tokens)
         results["models"][path] = {k: v for k, v in m.items() if v is not None}
@@ -136,14 +151,16 @@ def main():
         if "criteria" in m:
             print("  gold criteria: " + " | ".join(f"{k} {v:.2f}" for k, v in m["criteria"].items()))
 
-    if cfg.compare and on_task:
-        a, b = samples[cfg.init + ":gold"], samples[cfg.compare + ":gold"]
-        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
-        results["win_rate"] = wins / len(a)
-        print(f"win rate of {cfg.init} against {cfg.compare} under the gold judge: {results['win_rate']:.3f} "
-              f"on {len(a)} prompts (ties count half)")
+    scorers = {"gold": "the gold judge"} if on_task else {}  # the scores a response is judged by
+    if judge is not None:
+        scorers["judge"] = f"the judge {cfg.judge}"
+    for key, name in scorers.items() if cfg.compare else ():
+        rate_key = "win_rate" if key == "gold" else "judge_win_rate"
+        results[rate_key] = win_rate(samples[f"{cfg.init}:{key}"], samples[f"{cfg.compare}:{key}"])
+        print(f"win rate of {cfg.init} against {cfg.compare} under {name}: {results[rate_key]:.3f} "
+              f"on {len(prompts)} prompts (ties count half)")
     results["examples"] = [{"prompt": prompts[i], "responses": [samples[p][i] for p in results["models"]],
-                            **({"gold": [samples[p + ":gold"][i] for p in results["models"]]} if on_task else {})}
+                            **{key: [samples[f"{p}:{key}"][i] for p in results["models"]] for key in scorers}}
                            for i in range(min(cfg.show, len(prompts)))]
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     with open(cfg.out, "w") as f:

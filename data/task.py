@@ -13,17 +13,19 @@ The built-in task: a small help desk that adds numbers, standing in for real hum
   politeness and brevity. It stands for human judgment: the reward model and PPO never see
   it; eval.py uses it as the judge.
 - Simulated raters rank K responses by a noisy Bradley-Terry choice over the gold score
-  (Plackett-Luce, its K-way form), each rater with their own noise, and write the rankings file
-  that a person labelling with label.py would write.
+  (Plackett-Luce, its K-way form: rate.py), each rater with their own noise, and write the
+  rankings file that a person labelling with label.py would write. `gold` is the gold score as a
+  judge function, so `python rate.py --judge data/task.py:gold` ranks by it too.
 
     python -m data.task rate --candidates out/candidates.jsonl --out out/rankings.jsonl
 """
 
 import argparse
 import hashlib
-import math
 import random
 import re
+
+import rate as rate_by_judge  # rate.py at the repo root: Plackett-Luce ranking by a judge's scores
 
 NAMES = ("mia ana bob cal dee eli fay gus hal ida jon kim leo max ned oli pam quin rex sam "
          "tom uma val wes xia yan zoe abe bea cyd dot eve fin gil hop ike jay kai liv mo").split()
@@ -131,27 +133,15 @@ def gold_score(prompt, response):
     return score
 
 
+def gold(prompts, responses):
+    """The gold score as a judge (rate.py, eval.py --judge, ppo.py --judge data/task.py:gold)."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold
-    (the next best is drawn with probability proportional to exp(gold / temperature)).
-    Identical responses are tied."""
-    temperature = RATERS[rater]
-    gold = [gold_score(prompt, r) for r in responses]
-    left, order = list(range(len(responses))), []
-    while left:
-        weights = [math.exp((gold[i] - max(gold)) / temperature) for i in left]
-        i = rng.choices(left, weights)[0]
-        left.remove(i)
-        order.append(i)
-    groups = []
-    for i in order:
-        for g in groups:
-            if responses[g[0]] == responses[i]:
-                g.append(i)
-                break
-        else:
-            groups.append([i])
-    return groups
+    """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold at
+    the rater's temperature (rate.py's simulated rater). Identical responses are tied."""
+    return rate_by_judge.rank(responses, gold([prompt] * len(responses), responses), RATERS[rater], rng)
 
 
 def rate(candidates, seed=0, second_opinion=0.2):
