@@ -141,13 +141,13 @@ class GPT(nn.Module):
         assert config.head in ("lm", "scalar"), f"unknown head {config.head!r}"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         # reward / value models: the same trunk with one scalar out of the last hidden state
         self.score = nn.Linear(config.n_embd, 1) if config.head == "scalar" else None
@@ -157,8 +157,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.score is not None:  # N+ implementation details: std 1/sqrt(n_embd + 1), bias 0
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
-        with torch.no_grad():
-            self.transformer.wte.weight[config.vocab_size:] = 0.0  # padding rows: never looked up, cut from every softmax
+        # Padding rows, zero: never looked up, cut from every softmax. Added after the random init,
+        # so that a seed gives the same model whatever the padding (a layout detail).
+        padding = config.padded_vocab - config.vocab_size
+        self.transformer.wte.weight = nn.Parameter(F.pad(self.transformer.wte.weight.detach(), (0, 0, 0, padding)))
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = config.padded_vocab
+        self.lm_head.weight = self.transformer.wte.weight
         # log-probs of targets straight from the hidden states (kernels.linear_logprobs); the stages'
         # --fused_lm_head false turns it off: the logits first, then kernels.token_logprobs
         self.fused_lm_head = True
