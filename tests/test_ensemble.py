@@ -67,12 +67,13 @@ def test_one_member_ensemble_is_a_plain_reward_model(tiny_ckpts, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_ppo_scores_with_an_ensemble_and_watches_held_out_prompts(rankings, tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ppo_scores_with_an_ensemble_and_watches_held_out_prompts(rankings, tiny_ckpts, tmp_path, nproc):
     run("reward.py", *reward_args(rankings), "--ensemble", 2, "--out", tmp_path / "rm")
     out = tmp_path / "ppo"
     run("ppo.py", "--init", rankings / "sft" / "ckpt.pt", "--reward", tmp_path / "rm", "--uncertainty_coef", 1,
         "--keep_best", "true", "--updates", 3, "--batch_size", 8, "--mini_batch_size", 4, "--max_new_tokens", 8,
-        "--eval_n", 8, "--eval_every", 1, "--log_samples_every", 1, "--out", out)
+        "--eval_n", 8, "--eval_every", 1, "--log_samples_every", 1, "--out", out, nproc=nproc)
     rows = metrics(out)
     train = [r for r in rows if "ppo/policy_loss" in r]
     watched = [r for r in rows if "eval/kl" in r]
