@@ -10,7 +10,7 @@
 #   7. pictures of every stage's curves           -> out/curves.png
 #
 #   ./train.sh               # the full run (about 5 minutes on 2 CPU cores)
-#   QUICK=1 ./train.sh       # a tiny version, about 2 minutes
+#   QUICK=1 ./train.sh       # a tiny version, about a minute
 #   NPROC=2 ./train.sh       # every training stage under torchrun --nproc_per_node=2
 #   OUT=runs/a ./train.sh    # another output directory
 #   METHOD=ppo ./train.sh    # PPO only (dpo: DPO only, without a reward model; both: the default)
