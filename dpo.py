@@ -14,7 +14,7 @@ in reward.py, every pair a K-way ranking implies counts, averaged per prompt, so
 K = 9 does not outweigh one with K = 2. The frozen reference's log-probs are computed once,
 before training.
 
-    python dpo.py                                      # built-in task: out/rankings.jsonl, from out/sft
+    python dpo.py                                      # built-in task: out/sft's samples, ranked by the simulated raters
     python dpo.py --data rankings.jsonl --init out/sft/ckpt.pt --out out/dpo
     python dpo.py --data round2.jsonl --init out/dpo/ckpt.pt --ref out/sft/ckpt.pt --out out/round2/dpo
     torchrun --nproc_per_node=2 dpo.py
@@ -39,13 +39,14 @@ from common import ConfigError, Logger, all_reduce_mean, autocast, cleanup, done
 from data import task
 from data.formats import DataError, load_rankings
 from data.tokenizer import get_tokenizer
-from reward import encode_rankings, held_out
+from reward import encode_rankings, held_out, task_rankings
 from sft import demo_batch
 
 
 @dataclass
 class Config:
-    data: str = "out/rankings.jsonl"  # rankings / preference pairs JSONL (.gz too), as reward.py reads them
+    data: str = "task"  # rankings / preference pairs JSONL (.gz too), as reward.py reads them; "task": --init's samples ranked by the simulated raters
+    task_prompts: int = 2000  # --data task: how many train prompts to sample and rank
     val_data: str = ""  # held-out rankings; default: the prompts of --data whose hash falls in val_frac
     val_frac: float = 0.1  # share of prompts held out when there is no --val_data
     init: str = "out/sft/ckpt.pt"  # the policy to start from: an SFT checkpoint, or a DPO/PPO one in a later round
@@ -164,7 +165,11 @@ def main():
 
     # ---- data: rankings -> ([(prompt_ids, response_ids)], pairs, row), split by prompt as reward.py does
     stats = {}
-    rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    if cfg.data == "task":
+        rows = task_rankings(model, cfg.task_prompts, cfg.seed)
+        stats["rows"] = len(rows)
+    else:
+        rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
     if cfg.val_data:
         train_rows, val_rows = rows, load_rankings(cfg.val_data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
     else:

@@ -221,6 +221,14 @@ def validate(model, val, eot, device, max_tokens=None):
     return metrics
 
 
+def task_rankings(policy, n, seed=0):
+    """--data task: steps 2-3 of train.sh in one. 4 samples from the policy for each of the
+    built-in task's first n train prompts, ranked by its simulated raters."""
+    prompts = task.prompts("train")[:n]
+    return task.rate([{"prompt": p, "responses": r} for p, r in zip(prompts, sample_responses(policy, prompts, k=4, seed=seed))],
+                     seed=seed)
+
+
 def sft_samples(policy, prompts, seed=0):
     """One sample per prompt from the SFT policy, as token ids of prompt + response + EOS: what
     normalisation sets to score 0 on average (PPO's defaults: 40 new tokens, temperature 1)."""
@@ -271,11 +279,8 @@ def main():
 
     # ---- data: rankings -> (sequences, pairs)
     stats = {}
-    if cfg.data == "task":  # steps 2-3 of train.sh in one: K samples per prompt, ranked by the simulated raters
-        policy = load_model(trunks[0], kind="policy", device=d.device)
-        prompts = task.prompts("train")[:cfg.task_prompts]
-        rows = task.rate([{"prompt": p, "responses": r} for p, r in zip(prompts, sample_responses(policy, prompts, k=4, seed=cfg.seed))],
-                         seed=cfg.seed)
+    if cfg.data == "task":
+        rows = task_rankings(load_model(trunks[0], kind="policy", device=d.device), cfg.task_prompts, cfg.seed)
         stats["rows"] = len(rows)
     else:
         rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)

@@ -124,3 +124,11 @@ def test_dpo_refuses_empty_data_in_one_sentence(tiny_ckpts, rankings, tmp_path):
     last = one_sentence(proc)
     assert "empty.jsonl" in last, last
     assert not (tmp_path / "dpo" / "ckpt.pt").exists()
+
+
+def test_dpo_with_no_data_ranks_the_policys_own_samples(tiny_ckpts, tmp_path):
+    # --data task (the default): the built-in task's train prompts, 4 samples each from --init, ranked by the raters
+    proc = run("dpo.py", "--init", tiny_ckpts / "policy.pt", "--task_prompts", 40, *DPO_ARGS, "--out", tmp_path / "dpo")
+    done = [line for line in proc.stdout.splitlines() if line.startswith("dpo done:")]
+    assert done and int(done[0].split()[2]) >= 40, proc.stdout[-2000:]  # rankings read: a rater per prompt, some two
+    assert loads_safely(tmp_path / "dpo" / "ckpt.pt")["kind"] == "policy"
