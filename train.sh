@@ -13,6 +13,7 @@
 #   QUICK=1 ./train.sh       # a tiny version, about a minute
 #   NPROC=2 ./train.sh       # every training stage under torchrun --nproc_per_node=2
 #   OUT=runs/a ./train.sh    # another output directory
+#   SEED=1 ./train.sh        # another seed for every stage (sampling, rating and training)
 #   METHOD=ppo ./train.sh    # PPO only (dpo: DPO only, without a reward model; both: the default)
 #   ROUNDS=3 ./train.sh      # rounds 2 and 3 (in out/round2/, out/round3/): the latest policy answers the
 #                            # next N_PREF train prompts, the raters rank them, the reward model is trained
@@ -23,6 +24,7 @@ cd "$(dirname "$0")"
 source scripts/venv.sh
 
 OUT=${OUT:-out}
+SEED=${SEED:-0}
 NPROC=${NPROC:-1}
 METHOD=${METHOD:-both}
 ROUNDS=${ROUNDS:-1}
@@ -64,7 +66,7 @@ mkdir -p "$OUT"
 SFT="$OUT/sft/ckpt.pt"
 
 echo "== 1. SFT"
-timed sft run sft.py --out "$OUT/sft" $SFT_ARGS
+timed sft run sft.py --out "$OUT/sft" --seed "$SEED" $SFT_ARGS
 
 one_round() {  # one_round R: rankings of the latest policy's samples, then PPO and/or DPO, then eval
     local r=$1 dir="$OUT" all
@@ -72,8 +74,8 @@ one_round() {  # one_round R: rankings of the latest policy's samples, then PPO 
     mkdir -p "$dir"
     echo "== round $r: 2-3. $K responses to each of $N_PREF train prompts from $SAMPLER, ranked by the simulated raters"
     timed samples python sample.py --init "$SAMPLER" --prompts task --split train --n "$N_PREF" \
-        --offset $(( (r - 1) * N_PREF )) --k "$K" --out "$dir/candidates.jsonl"
-    timed samples python -m data.task rate --candidates "$dir/candidates.jsonl" --out "$dir/rankings.jsonl"
+        --offset $(( (r - 1) * N_PREF )) --k "$K" --seed "$SEED" --out "$dir/candidates.jsonl"
+    timed samples python -m data.task rate --candidates "$dir/candidates.jsonl" --seed "$SEED" --out "$dir/rankings.jsonl"
     ALL_RANKINGS+=("$dir/rankings.jsonl")
     all="$dir/rankings.jsonl"
     if [ "$r" -gt 1 ]; then  # the reward model learns from every ranking so far
@@ -83,16 +85,16 @@ one_round() {  # one_round R: rankings of the latest policy's samples, then PPO 
     local reward_args=()
     if has ppo; then
         echo "== round $r: 4. reward model on $(wc -l < "$all") rankings"
-        timed reward run reward.py --data "$all" --init "$SFT" --out "$dir/reward" $RM_ARGS
+        timed reward run reward.py --data "$all" --init "$SFT" --seed "$SEED" --out "$dir/reward" $RM_ARGS
         reward_args=(--reward "$dir/reward/ckpt.pt")
         echo "== round $r: 5. PPO from $PPO_POLICY"
-        timed ppo run ppo.py --init "$PPO_POLICY" --ref "$SFT" --reward "$dir/reward/ckpt.pt" --out "$dir/ppo" $PPO_ARGS
+        timed ppo run ppo.py --init "$PPO_POLICY" --ref "$SFT" --reward "$dir/reward/ckpt.pt" --seed "$SEED" --out "$dir/ppo" $PPO_ARGS
         PPO_POLICY="$dir/ppo/ckpt.pt"
         SAMPLER=$PPO_POLICY
     fi
     if has dpo; then
         echo "== round $r: 5. DPO from $DPO_POLICY"
-        timed dpo run dpo.py --data "$dir/rankings.jsonl" --init "$DPO_POLICY" --ref "$SFT" --out "$dir/dpo" $DPO_ARGS
+        timed dpo run dpo.py --data "$dir/rankings.jsonl" --init "$DPO_POLICY" --ref "$SFT" --seed "$SEED" --out "$dir/dpo" $DPO_ARGS
         DPO_POLICY="$dir/dpo/ckpt.pt"
         has ppo || SAMPLER=$DPO_POLICY
     fi
