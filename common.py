@@ -88,7 +88,11 @@ def setup(device="", seed=0):
 
 
 def cleanup(d):
+    """The end of a stage: every process waits until all are done (rank 0 may still be saving),
+    then the process group goes. A process that tore down gloo while another still worked
+    aborted at exit now and then ("terminate called without an active exception")."""
     if d.ddp:
+        dist.barrier()
         dist.destroy_process_group()
 
 
