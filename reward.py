@@ -279,8 +279,10 @@ def main():
 
     # ---- data: rankings -> (sequences, pairs)
     stats = {}
+    policy = None  # the SFT policy, loaded once for what samples from it: --data task and normalisation
     if cfg.data == "task":
-        rows = task_rankings(load_model(trunks[0], kind="policy", device=d.device), cfg.task_prompts, cfg.seed)
+        policy = load_model(trunks[0], kind="policy", device=d.device)
+        rows = task_rankings(policy, cfg.task_prompts, cfg.seed)
         stats["rows"] = len(rows)
     else:
         rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
@@ -311,7 +313,7 @@ def main():
     norm_seqs = None
     if cfg.normalize and d.master:  # only rank 0 saves, so only rank 0 needs the shift
         try:
-            policy = load_model(trunks[0], kind="policy", device=d.device)
+            policy = policy or load_model(trunks[0], kind="policy", device=d.device)
         except CheckpointError:
             print0(f"normalize: skipped, {trunks[0]} is not an SFT (policy) checkpoint to sample from")
         else:
