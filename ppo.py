@@ -18,7 +18,10 @@ rewards = -beta * KL_t, plus the score on the last token; 5. GAE advantages, whi
 Data: prompts JSONL ({prompt}; any file with a prompt field, HH-RLHF too), or "task".
 
 The score: a reward model (--reward), or an ensemble of them (reward.py --ensemble K), whose
-score is their mean minus --uncertainty_coef times their spread (Coste et al. 2023); and/or a
+score is their mean minus --uncertainty_coef times their spread (Coste et al. 2023); the spread
+is over each member's score minus its score of the reference's own response to the same prompt,
+since a ranking loss leaves every member free to add its own constant per prompt
+(--spread_vs_ref; it costs one more generation per rollout, by the reference); and/or a
 judge function (--reward_fn FILE.py:fn, weighted by --reward_fn_weight; without a reward model
 the value model starts from the policy's trunk with a new head).
 
@@ -61,6 +64,7 @@ class Config:
     reward_fn: str = ""  # a judge FILE.py:fn(prompts, responses) -> [float] that scores responses, instead of or beside --reward
     reward_fn_weight: float = 1.0  # weight of --reward_fn's score when it is added to a reward model's
     uncertainty_coef: float = 0.0  # with an ensemble: score = mean - coef * std over the members (0: the plain mean)
+    spread_vs_ref: bool = True  # with an ensemble: the std of each member's score minus its score of the reference's own response to the prompt (a ranking loss leaves a constant per prompt free; false: the std of the scores themselves)
     out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl, samples.jsonl, best.pt
     updates: int = 120  # rollout + optimisation rounds
     batch_size: int = 64  # prompts per rollout, over all processes
@@ -174,16 +178,32 @@ def load_judge_fn(spec):
     return lambda prompts, responses: judge_scores(judge, spec, prompts, responses)
 
 
+def member_scores(reward_models, seq, seq_mask, chunk):
+    """(K, B) every reward model's score of each sequence, a chunk of sequences at a time."""
+    return torch.cat([ensemble_scores(reward_models, seq[s:s + chunk], seq_mask[s:s + chunk])
+                      for s in range(0, seq.size(0), chunk)], 1)
+
+
 @torch.no_grad()
-def rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk):
+def reference_scores(cfg, ref_sampler, reward_models, prompt_ids, eos, generator, chunk):
+    """(K, B) every member's score of the reference policy's own response to each prompt: the
+    baseline that the ensemble's spread is measured against (--spread_vs_ref)."""
+    query, query_mask, response = generate(ref_sampler.model, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, generator=generator, sampler=ref_sampler)
+    seq_mask = torch.cat([query_mask, response_mask(response, eos)], 1)
+    return member_scores(reward_models, torch.cat([query, response], 1), seq_mask, chunk)
+
+
+@torch.no_grad()
+def rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk, baseline=None):
     """The score (B,) that PPO maximises, and its parts for logging: the reward models'
-    conservative score (over an ensemble: mean - uncertainty_coef * std; one model: its score),
-    plus reward_fn_weight times the judge's score. The reward models run a chunk at a time."""
+    conservative score (over an ensemble: mean - uncertainty_coef * std, the std taken against
+    the members' baseline scores when given; one model: its score), plus reward_fn_weight times
+    the judge's score. The reward models run a chunk at a time."""
     score, parts = torch.zeros(len(texts), device=seq.device), {}
     if reward_models:
-        scores = torch.cat([ensemble_scores(reward_models, seq[s:s + chunk], seq_mask[s:s + chunk])
-                            for s in range(0, len(texts), chunk)], 1)  # (K, B)
-        score, spread = conservative_score(scores, cfg.uncertainty_coef)
+        scores = member_scores(reward_models, seq, seq_mask, chunk)  # (K, B)
+        score, spread = conservative_score(scores, cfg.uncertainty_coef, baseline)
         parts["rm_score"] = scores.mean(0)
         if len(reward_models) > 1:
             parts["rm_spread"] = spread
@@ -245,6 +265,8 @@ def main():
     policy.fused_lm_head = ref_policy.fused_lm_head = cfg.fused_lm_head
     # the policy's rollout copy: bf16 on GPU, refreshed once per rollout; its decode step a CUDA graph
     sampler = Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph)
+    # the reference's own responses, which an ensemble's spread is measured against
+    ref_sampler = Sampler(ref_policy, cuda_graph=cfg.cuda_graph) if cfg.spread_vs_ref and len(reward_models) > 1 else None
 
     # ---- prompts, and the held-out ones PPO watches but never trains on
     stats = {}
@@ -297,8 +319,8 @@ def main():
     def look(update):
         """8. the held-out prompts: log eval/*, keep the best policy; True when KL passed --max_kl."""
         nonlocal best
-        metrics = watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts,
-                        eval_ids, enc, on_task, local_mini)
+        metrics = watch(cfg, d, sampler, ref_sampler, policy, ref_policy, reward_models, reward_fn, watch_judge,
+                        eval_prompts, eval_ids, enc, on_task, local_mini)
         logger.log(update, metrics, bar=bar)
         if best is None or metrics[best_key] > best[0]:
             best = (metrics[best_key], update)
@@ -342,8 +364,10 @@ def main():
                 ref_logprobs.append(response_logprobs(ref_policy, seq[c], seq_mask[c], P, cfg.temperature))
                 old_values.append(response_values(value_model, seq[c], seq_mask[c], P))
             old_logprobs, ref_logprobs, old_values = (torch.cat(x) for x in (old_logprobs, ref_logprobs, old_values))
+            baseline = reference_scores(cfg, ref_sampler, reward_models, [prompt_ids[i] for i in batch_idx], eos,
+                                        sample_gen, local_mini) if ref_sampler else None
             raw_scores, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, [prompts[i] for i in batch_idx],
-                                              texts, local_mini)
+                                              texts, local_mini, baseline)
             ended = (response == eos).any(1)
             scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()  # N+ details: punish rambling on
 
@@ -438,8 +462,8 @@ def main():
 
 
 @torch.no_grad()
-def watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts, eval_ids, enc,
-          on_task, chunk):
+def watch(cfg, d, sampler, ref_sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts,
+          eval_ids, enc, on_task, chunk):
     """eval/* metrics of the policy on the held-out prompts, each process answering its share:
     the score PPO optimises (and its parts), the exact KL to the reference per response (over the
     whole vocabulary, kernels.kl_full), the response length, and the judge's or gold score. The
@@ -460,7 +484,12 @@ def watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_j
             logits = policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)  # (b, N, V)
             ref_logits = ref_policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)
         kl.append((kl_full(logits, ref_logits, temperature=cfg.temperature) * mask[c]).sum(1))
-    score, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk)
+    baseline = None
+    if ref_sampler:  # the reference's responses, the same at every look
+        ref_generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.world_size + d.rank)
+        baseline = reference_scores(cfg, ref_sampler, reward_models, [eval_ids[i] for i in mine], enc.eot_token,
+                                    ref_generator, chunk)
+    score, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk, baseline)
     sums = {"eval/score": score.sum(), **{f"eval/{k}": v.sum() for k, v in parts.items()},
             "eval/kl": torch.cat(kl).sum(), "eval/resp_len": mask.sum()}
     if watch_judge is not None:

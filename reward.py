@@ -21,7 +21,8 @@ seed for the head and the data order (and with --bootstrap its own resample of t
 Member 0 is OUT/ckpt.pt, exactly what a single run writes; member k is OUT/member{k}/ckpt.pt, and
 OUT/ckpt.pt records K, so one --reward path loads them all (load_ensemble). PPO then optimises the
 conservative score mean - c * std over the members (Coste et al. 2023, "Reward Model Ensembles
-Help Mitigate Overoptimization"). With --init A,B,C each member starts from its own SFT trunk
+Help Mitigate Overoptimization"), the std taken by default over each member's score minus its
+score of the reference policy's response to the same prompt (conservative_score). With --init A,B,C each member starts from its own SFT trunk
 (SFT run with another seed): members that share no trunk disagree more off the data than members
 that differ only in their head and data order (Eisenstein et al. 2023, "pretrain" against
 "finetune" ensembles); the first trunk is PPO's policy, and normalisation samples from it.
@@ -144,11 +145,15 @@ def ensemble_scores(models, ids, mask):
     return torch.stack([last_token_scores(m, ids, mask) for m in models])
 
 
-def conservative_score(scores, uncertainty_coef):
+def conservative_score(scores, uncertainty_coef, baseline=None):
     """Mean over the members minus uncertainty_coef times their standard deviation (over the K
     members, dividing by K): the uncertainty-penalised reward of Coste et al. 2023. scores (K, B)
-    -> (score, spread) each (B,); one member has spread 0 and scores as itself."""
-    spread = scores.std(0, unbiased=False)
+    -> (score, spread) each (B,); one member has spread 0 and scores as itself.
+    baseline (K, B): each member's score of another response to the same prompt. The spread is
+    then taken over score - baseline: a ranking loss fixes a reward model's scores only up to a
+    constant per prompt, so members disagree on that constant too, and only the differences
+    between responses to one prompt are something they learned."""
+    spread = (scores if baseline is None else scores - baseline).std(0, unbiased=False)
     return scores.mean(0) - uncertainty_coef * spread, spread
 
 

@@ -21,6 +21,12 @@ def test_conservative_score_by_hand():
     torch.testing.assert_close(score, torch.tensor([2.0 - 1.5 * std, 4.0]))
     one, zero = reward.conservative_score(scores[:1], 10.0)  # one member: its own score, whatever the coefficient
     assert torch.equal(one, scores[0]) and torch.equal(zero, torch.zeros(2))
+    # against a baseline (each member's score of another response to the same prompt): members
+    # that differ by a constant per prompt agree; only disagreement on the difference counts
+    baseline = torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, 0.0]])
+    score, spread = reward.conservative_score(scores, 1.5, baseline)  # differences [1, 3], [1, 2], [1, 4]
+    torch.testing.assert_close(spread, torch.tensor([0.0, std]))
+    torch.testing.assert_close(score, torch.tensor([2.0, 4.0 - 1.5 * std]))
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,22 @@ def test_ppo_scores_with_an_ensemble_and_watches_held_out_prompts(rankings, tiny
     assert best["eval/score"] == max(r["eval/score"] for r in watched)
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert {s["step"] for s in samples} == {1, 2, 3} and {"prompt", "response", "score", "kl", "gold"} <= set(samples[0])
+
+
+def test_spread_is_measured_against_the_references_response(tiny_ckpts, tmp_path):
+    # two members that differ only by a constant: the same preferences, so no spread against the
+    # reference's response; their raw scores differ by 1 everywhere (--spread_vs_ref false)
+    ckpt = load_checkpoint(str(tiny_ckpts / "reward.pt"))
+    torch.save({**ckpt, "ensemble": 2}, tmp_path / "ckpt.pt")
+    ckpt["model"]["score.bias"] += 1.0
+    os.makedirs(tmp_path / "member1")
+    torch.save(ckpt, tmp_path / "member1" / "ckpt.pt")
+    for vs_ref, spread in [("true", 0.0), ("false", 0.5)]:
+        out = tmp_path / f"ppo_{vs_ref}"
+        ppo(tiny_ckpts, out, "--reward", tmp_path, "--uncertainty_coef", 1, "--spread_vs_ref", vs_ref)
+        rows = metrics(out)
+        assert all(r["objective/rm_spread"] == pytest.approx(spread, abs=1e-5) for r in rows if "ppo/policy_loss" in r)
+        assert all(r["eval/rm_spread"] == pytest.approx(spread, abs=1e-5) for r in rows if "eval/kl" in r)
 
 
 def test_keep_best_refuses_a_single_reward_model(tiny_ckpts, tmp_path):
