@@ -319,14 +319,20 @@ def main():
     def look(update):
         """8. the held-out prompts: log eval/*, keep the best policy; True when KL passed --max_kl."""
         nonlocal best
-        metrics = watch(cfg, d, sampler, ref_sampler, policy, ref_policy, reward_models, reward_fn, watch_judge,
-                        eval_prompts, eval_ids, enc, on_task, local_mini)
+        metrics = watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts,
+                        eval_ids, enc, on_task, local_mini, eval_baseline)
         logger.log(update, metrics, bar=bar)
         if best is None or metrics[best_key] > best[0]:
             best = (metrics[best_key], update)
             if cfg.keep_best and d.master:
                 save_checkpoint(f"{cfg.out}/best.pt", policy, kind="policy", config=cfg, step=update, **metrics)
         return cfg.max_kl and metrics["eval/kl"] > cfg.max_kl
+
+    eval_baseline = None  # the reference's responses to this process's held-out prompts: fixed, so scored once
+    if ref_sampler and eval_prompts:
+        ref_generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.world_size + d.rank)
+        eval_baseline = reference_scores(cfg, ref_sampler, reward_models, eval_ids[d.rank::d.world_size], eos,
+                                         ref_generator, local_mini)
 
     t_start, stop = time.time(), None
     bar = tqdm(range(start + 1, cfg.updates + 1), desc="ppo", disable=None if d.master else True, dynamic_ncols=True,
@@ -462,12 +468,13 @@ def main():
 
 
 @torch.no_grad()
-def watch(cfg, d, sampler, ref_sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts,
-          eval_ids, enc, on_task, chunk):
+def watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_judge, eval_prompts, eval_ids, enc,
+          on_task, chunk, baseline=None):
     """eval/* metrics of the policy on the held-out prompts, each process answering its share:
     the score PPO optimises (and its parts), the exact KL to the reference per response (over the
     whole vocabulary, kernels.kl_full), the response length, and the judge's or gold score. The
-    samples are drawn with the same seed every time, so a curve shows the policy, not the noise."""
+    samples are drawn with the same seed every time, so a curve shows the policy, not the noise.
+    baseline (K, mine): the members' scores of the reference's responses (--spread_vs_ref)."""
     sampler.load(policy)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.rank)
     mine = list(range(d.rank, len(eval_ids), d.world_size))
@@ -484,11 +491,6 @@ def watch(cfg, d, sampler, ref_sampler, policy, ref_policy, reward_models, rewar
             logits = policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)  # (b, N, V)
             ref_logits = ref_policy(seq[c, :-1], seq_mask[c, :-1], start=P - 1)
         kl.append((kl_full(logits, ref_logits, temperature=cfg.temperature) * mask[c]).sum(1))
-    baseline = None
-    if ref_sampler:  # the reference's responses, the same at every look
-        ref_generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.world_size + d.rank)
-        baseline = reference_scores(cfg, ref_sampler, reward_models, [eval_ids[i] for i in mine], enc.eot_token,
-                                    ref_generator, chunk)
     score, parts = rollout_score(cfg, reward_models, reward_fn, seq, seq_mask, prompts, texts, chunk, baseline)
     sums = {"eval/score": score.sum(), **{f"eval/{k}": v.sum() for k, v in parts.items()},
             "eval/kl": torch.cat(kl).sum(), "eval/resp_len": mask.sum()}
