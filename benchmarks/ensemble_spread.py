@@ -47,3 +47,6 @@ print(f"{'kind':11s} {'gold':>6s} {'mean':>6s} {'raw sd':>7s} {'centred sd':>10s
 for kind, s in S.items():
     c = s - S["sft_ref"]
     print(f"{kind:11s} {g[kind]:6.2f} {s.mean():6.2f} {s.std(0, unbiased=False).mean():7.3f} {c.std(0, unbiased=False).mean():10.3f}")
+for kind in ("wrong_sum", "wrong_name", "hello"):
+    share = (S["right"] > S[kind]).float().mean(1)  # (K,): per member, prompts where the right answer scores higher
+    print(f"right above {kind}, per member: " + " ".join(f"{x:.2f}" for x in share.tolist()))
