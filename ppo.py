@@ -184,14 +184,21 @@ def member_scores(reward_models, seq, seq_mask, chunk):
                       for s in range(0, seq.size(0), chunk)], 1)
 
 
+def sample_sequences(cfg, sampler, prompt_ids, eos, generator):
+    """The sampler's model's response to each prompt: (seq (B, P + N) the left-padded prompt and
+    then the response, seq_mask (B, P + N) 1 on real prompt tokens and on the response up to and
+    including its first EOS, P)."""
+    query, query_mask, response = generate(sampler.model, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, generator=generator, sampler=sampler)
+    return torch.cat([query, response], 1), torch.cat([query_mask, response_mask(response, eos)], 1), query.size(1)
+
+
 @torch.no_grad()
 def reference_scores(cfg, ref_sampler, reward_models, prompt_ids, eos, generator, chunk):
     """(K, B) every member's score of the reference policy's own response to each prompt: the
     baseline that the ensemble's spread is measured against (--spread_vs_ref)."""
-    query, query_mask, response = generate(ref_sampler.model, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                                           temperature=cfg.temperature, generator=generator, sampler=ref_sampler)
-    seq_mask = torch.cat([query_mask, response_mask(response, eos)], 1)
-    return member_scores(reward_models, torch.cat([query, response], 1), seq_mask, chunk)
+    seq, seq_mask, _ = sample_sequences(cfg, ref_sampler, prompt_ids, eos, generator)
+    return member_scores(reward_models, seq, seq_mask, chunk)
 
 
 @torch.no_grad()
@@ -350,12 +357,8 @@ def main():
         t0 = time.time()
         policy.eval()
         sampler.load(policy)
-        query, query_mask, response = generate(policy, [prompt_ids[i] for i in batch_idx], max_new_tokens=cfg.max_new_tokens,
-                                               temperature=cfg.temperature, generator=sample_gen, sampler=sampler)
-        P = query.size(1)
-        mask = response_mask(response, eos).float()  # (B, N)
-        seq = torch.cat([query, response], 1)  # (B, P + N)
-        seq_mask = torch.cat([query_mask, mask.long()], 1)
+        seq, seq_mask, P = sample_sequences(cfg, sampler, [prompt_ids[i] for i in batch_idx], eos, sample_gen)
+        response, mask = seq[:, P:], seq_mask[:, P:].float()  # (B, N)
         texts = [decode(enc, r) for r in response.tolist()]
         t_gen = time.time() - t0
 
@@ -478,12 +481,9 @@ def watch(cfg, d, sampler, policy, ref_policy, reward_models, reward_fn, watch_j
     sampler.load(policy)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.rank)
     mine = list(range(d.rank, len(eval_ids), d.world_size))
-    query, query_mask, response = generate(policy, [eval_ids[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
-                                           temperature=cfg.temperature, generator=generator, sampler=sampler)
-    P = query.size(1)
-    mask = response_mask(response, enc.eot_token).float()
-    seq, seq_mask = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
-    prompts, texts = [eval_prompts[i] for i in mine], [decode(enc, r) for r in response.tolist()]
+    seq, seq_mask, P = sample_sequences(cfg, sampler, [eval_ids[i] for i in mine], enc.eot_token, generator)
+    mask = seq_mask[:, P:].float()
+    prompts, texts = [eval_prompts[i] for i in mine], [decode(enc, r) for r in seq[:, P:].tolist()]
     kl = []
     for s in range(0, len(mine), chunk):
         c = slice(s, s + chunk)
