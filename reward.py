@@ -23,10 +23,11 @@ OUT/ckpt.pt records K, so one --reward path loads them all (load_ensemble). PPO 
 conservative score mean - c * std over the members (Coste et al. 2023, "Reward Model Ensembles
 Help Mitigate Overoptimization"), the std taken by default over each member's score minus its
 score of the reference policy's response to the same prompt (conservative_score). With --init
-A,B,C each member starts from its own SFT trunk (SFT run with another seed): members that share no
-trunk disagree more off the data than members that differ only in their head and data order
-(Eisenstein et al. 2023, "pretrain" against "finetune" ensembles); the first trunk is PPO's
-policy, and normalisation samples from it.
+A,B,C each member starts from its own SFT trunk (SFT run with another seed): Eisenstein et al. 2023
+found that members sharing no trunk disagree more off the data than members that differ only in
+their head and data order ("pretrain" against "finetune" ensembles); on the built-in task they
+disagreed less than bootstrap members (benchmarks/overoptimisation_pretrain.txt). The first trunk
+is PPO's policy, and normalisation samples from it.
 
 Data: rankings JSONL {prompt, responses, ranking, rater?}; preference pairs {prompt, chosen,
 rejected} and HH-RLHF {chosen, rejected} files work as they are.
