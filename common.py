@@ -6,6 +6,7 @@ metric logging. Nothing stage-specific lives here.
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -16,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
 
@@ -24,16 +26,66 @@ from model import GPT, GPTConfig
 
 def parse_config(cls, argv=None):
     """Fill a stage's @dataclass from the command line: every field is a flag (--lr 3e-6) and
-    its one-line comment is the flag's help; --max-steps and --max_steps alike. Booleans take true/false."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    its one-line comment is the flag's help; --max-steps and --max_steps alike. Booleans take
+    true/false. No abbreviations (--max_step is refused, not taken as --max_steps); a flag that
+    does not exist is refused in one sentence naming the closest real one. The Config's own
+    check(), if it has one, then refuses settings that cannot work, one sentence each."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):  # a stage's Config, and the RunConfig it extends
+        comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M))
+    parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").strip(), allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    own = cls.__dict__.get("__annotations__", {})
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):  # the stage's own flags first
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
         hyphenated = ["--" + f.name.replace("_", "-")] if "_" in f.name else []  # --skip-bad-lines works too
-        parser.add_argument("--" + f.name, *hyphenated, type=kind, default=f.default,
-                            help=f"{comments.get(f.name, '')} (default: {f.default})")
-    return cls(**vars(parser.parse_args(argv)))
+        help_text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument("--" + f.name, *hyphenated, type=kind, default=f.default, help=help_text)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every mistake on the command line one sentence (a ConfigError) instead of
+    the usage text and an exit: an unknown flag names the closest real one."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flag = unknown.group(1).split()[0]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else "; --help lists every flag"
+            raise ConfigError(f"unknown flag {flag}{hint}")
+        raise ConfigError(f"{message} (--help lists every flag)")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The settings every trainer has beside its own (listed after them in --help)."""
+    save_every: int = 0  # steps (ppo.py: updates) between checkpoints that --resume can continue from (0: at the end only)
+    resume: bool = False  # continue from OUT/ckpt.pt (same settings; only the length of the run may change)
+    overwrite: bool = False  # start again in an --out that already holds a run (without it, that is refused)
+    skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
+    seed: int = 0  # same seed, same numbers (on CPU)
+    device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
+
+
+def check(condition, message):
+    """A Config's check(): settings that cannot work stop with one sentence."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_positive(cfg, *names):
+    """Each named setting must be 1 or more (and --micro_batch_size, where there is one, 0 or more)."""
+    for name in names:
+        check(getattr(cfg, name) >= 1, f"--{name} must be 1 or more, not {getattr(cfg, name)}")
+    check(getattr(cfg, "micro_batch_size", 0) >= 0,
+          f"--micro_batch_size must be 0 (no accumulation) or more, not {getattr(cfg, 'micro_batch_size', 0)}")
+    check(0 < getattr(cfg, "val_frac", 0.5) < 1, f"--val_frac must be between 0 and 1, not {getattr(cfg, 'val_frac', 0.5)}")
 
 
 def _bool(s):
@@ -60,12 +112,27 @@ class Dist:
 
 
 def pick_device(name=""):
-    """--device, or CUDA when present, else the CPU. Apple's mps is refused: nothing here is
-    tested on it (no CI machine has one), and on a Mac the CPU runs the built-in task in minutes."""
-    if name.startswith("mps"):
+    """--device, or CUDA when present, else the CPU; a device this machine does not have is
+    refused in one sentence. Apple's mps is refused too: nothing here is tested on it (no CI
+    machine has one), and on a Mac the CPU runs the built-in task in minutes."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device; use cpu, cuda, or cuda:N for the N-th GPU") from None
+    if device.type == "mps":
         raise ConfigError("--device mps is not supported: the stages are tested on CUDA and the CPU only; "
                           "on a Mac use --device cpu (the default there)")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: not supported; use cpu, cuda, or cuda:N for the N-th GPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU on this machine"
+        raise ConfigError(f"--device {name}: {why}; use --device cpu, or install a CUDA build of torch (README: GPUs)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def setup(device="", seed=0):
@@ -145,44 +212,55 @@ def save_checkpoint(path, model, *, kind, config, step, optimizer=None, **extra)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, kind=None):
-    """Read a checkpoint safely (weights_only: no code runs on load), checking its kind."""
+KIND_FLAGS = {"policy": "--init (an SFT, DPO or PPO ckpt.pt, or a Hugging Face directory)",
+              "reward": "--reward (a reward.py ckpt.pt)"}
+
+
+def load_checkpoint(path, kind=None, flag=None):
+    """Read a checkpoint safely (weights_only: no code runs on load), checking its kind.
+    flag: the command-line flag that named it, for the message when it is of the wrong kind."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
+    given = f"{path} (given as {flag})" if flag else path
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{given}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch's own message would advise weights_only=False: wrong for a damaged file, and unsafe
         # (it runs whatever code the file holds), so it is not passed on
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); the file is damaged, "
+        raise CheckpointError(f"{given}: not a readable checkpoint ({type(e).__name__}); the file is damaged, "
                               f"cut short, or was not written by one of these stages") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{path}: not a minRLHF checkpoint")
-    if kind is not None and ckpt.get("kind") not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise CheckpointError(f"{path}: is a {ckpt.get('kind')} checkpoint, expected {kind}")
+        raise CheckpointError(f"{given}: not a minRLHF checkpoint")
+    wanted = kind if isinstance(kind, tuple) else (kind,)
+    if kind is not None and ckpt.get("kind") not in wanted:
+        hint = " or ".join(f"a {k} checkpoint" for k in wanted)
+        fix = "; ".join(f"a {k} checkpoint goes to {KIND_FLAGS[k]}" for k in (ckpt.get("kind"),) if k in KIND_FLAGS)
+        raise CheckpointError(f"{given}: is a {ckpt.get('kind')} checkpoint, but {flag or 'this'} takes {hint}"
+                              + (f" ({fix})" if fix else ""))
     return ckpt
 
 
-def load_model(path, kind=None, head=None, device="cpu"):
+def load_model(path, kind=None, head=None, device="cpu", flag=None):
     """A GPT from a checkpoint; head='scalar' or 'lm' rebuilds the trunk with that head (the
     reward model starts from the SFT policy; the value model from the reward model).
-    path may also be a Hugging Face GPT-2 directory (config.json + weights): it counts as a
-    policy, and as a reward model only when GPT.save_pretrained wrote a score head beside it."""
+    path may also be a Hugging Face directory (config.json + weights): it counts as a policy,
+    and as a reward model only when GPT.save_pretrained wrote a score head beside it."""
     if os.path.isfile(os.path.join(path, "config.json")):
         from model import SCORE_FILE, PretrainedError
         wanted = kind if isinstance(kind, tuple) else (kind,) if kind else None
         kinds = ("policy", "reward") if os.path.exists(os.path.join(path, SCORE_FILE)) else ("policy",)
         if wanted is not None and not set(wanted) & set(kinds):
-            raise CheckpointError(f"{path}: is a GPT-2 directory without a {SCORE_FILE} head, expected {kind}")
+            raise CheckpointError(f"{path}{f' (given as {flag})' if flag else ''}: is a Hugging Face directory without "
+                                  f"a {SCORE_FILE} head, so a language model, but {flag or 'this'} takes a {kind} model")
         if head is None and wanted is not None and "policy" in wanted:
             head = "lm"  # a reward model's directory is also a language model; as a policy it is one
         try:
             return GPT.from_pretrained(path, head=head).to(device)
         except PretrainedError as e:
             raise CheckpointError(str(e)) from None
-    ckpt = load_checkpoint(path, kind)
+    ckpt = load_checkpoint(path, kind, flag)
     config = GPTConfig(**ckpt["model_config"])
     state = ckpt["model"]
     if head is not None and head != config.head:
@@ -194,7 +272,29 @@ def load_model(path, kind=None, head=None, device="cpu"):
     return model.to(device)
 
 
-# ----------------------------------------------------------------------------- resume
+def check_tokenizers(models):
+    """{flag or path: model}: every model must read text with the same tokenizer."""
+    (first, m0), *rest = models.items()
+    for name, m in rest:
+        if m.config.tokenizer != m0.config.tokenizer:
+            raise CheckpointError(f"{name}: uses tokenizer {m.config.tokenizer!r} but {first} uses "
+                                  f"{m0.config.tokenizer!r}; give models trained with the same tokenizer")
+
+
+# ----------------------------------------------------------------------------- runs: overwrite, resume, save
+
+def check_out(cfg, *paths):
+    """Before a stage writes anything: a finished or partial run in --out (its ckpt.pt or
+    metrics.jsonl, or one of paths) is never overwritten silently. Without --resume it is refused
+    in one sentence, unless --overwrite true says to start again."""
+    if cfg.resume or cfg.overwrite:
+        return
+    found = [p for p in (os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl"), *paths)
+             if os.path.exists(p)]
+    if found:
+        raise ConfigError(f"{found[0]}: a run is already there; continue it with --resume true, start again with "
+                          f"--overwrite true, or give another --out")
+
 
 def rng_states(d, *generators):
     """Every random state that decides what a stage does next, one dict per process (a
@@ -219,29 +319,96 @@ def set_rng_states(d, states, *generators):
         g.set_state(state)
 
 
-def resume_checkpoint(cfg, kind, step_field, d, path=None):
-    """With --resume true, the stage's last checkpoint (path, default OUT/ckpt.pt), or None when
-    there is none yet (the run starts at the beginning). The checkpoint must come from the same
-    settings: anything but the step count (`step_field`) that differs is refused, naming the field."""
+# Settings that a resumed run may change: where the run lives (a moved or copied folder resumes),
+# how long it goes on, the device, and the flags that say how to start.
+RESUMABLE = ("out", "resume", "overwrite", "device")
+
+
+def resume_checkpoint(cfg, kind, step_field, d, path):
+    """With --resume true, the stage's last checkpoint at path, or None when there is none yet
+    (the run starts at the beginning). It must come from the same settings: every one that
+    differs, other than the step count (`step_field`) and RESUMABLE, is named in the refusal."""
     if not cfg.resume:
         return None
-    path = path or os.path.join(cfg.out, "ckpt.pt")
     if not os.path.exists(path):
         print0(f"resume: no checkpoint {path} yet, starting from the beginning")
         return None
     ckpt = load_checkpoint(path, kind)
     if "resume" not in ckpt:
         raise CheckpointError(f"{path}: holds no state to resume from (it was written without --save_every)")
-    for f in dataclasses.fields(cfg):
-        saved, now = ckpt["config"].get(f.name), getattr(cfg, f.name)
-        if f.name not in (step_field, "resume") and saved != now:
-            raise CheckpointError(f"{path}: was written with --{f.name} {saved} but the command line has --{f.name} {now}; "
-                                  f"resume with the same settings (only --{step_field} may change)")
+    differ = [f"--{f.name} {ckpt['config'].get(f.name)} (now {getattr(cfg, f.name)})" for f in dataclasses.fields(cfg)
+              if f.name not in (step_field, *RESUMABLE) and ckpt["config"].get(f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise CheckpointError(f"{path}: was written with {', '.join(differ)}; resume with the same settings "
+                              f"(only --{step_field} may change)")
     if len(ckpt["resume"]["rng"]) != d.world_size:
         raise CheckpointError(f"{path}: was written by {len(ckpt['resume']['rng'])} process(es), not {d.world_size}; "
                               f"resume with the same number")
     print0(f"resume: {path} at step {ckpt['step']}")
     return ckpt
+
+
+class Batches:
+    """The order in which a trainer visits its n examples: a random permutation per pass, drawn by
+    a generator that every process seeds alike, so that all agree on each global batch; each
+    process takes its own slice. A new pass starts when too few are left for a whole batch."""
+
+    def __init__(self, n, batch_size, generator, d):
+        self.n, self.batch_size, self.generator, self.d = n, batch_size, generator, d
+        self.order, self.cursor = torch.randperm(n, generator=generator), 0
+
+    def next(self):
+        """This process's share of the next global batch: a list of indices."""
+        if self.cursor + self.batch_size > self.n:
+            self.order, self.cursor = torch.randperm(self.n, generator=self.generator), 0
+        batch = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        share = self.batch_size // self.d.world_size
+        return batch[self.d.rank * share:(self.d.rank + 1) * share].tolist()
+
+    def state_dict(self):
+        return {"order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.order, self.cursor = state["order"], state["cursor"]
+
+
+class Run:
+    """One trainer's run: the model (and its DDP wrapper under torchrun), the optimizer, the batch
+    order, the log, and its checkpoint OUT/ckpt.pt with everything that decides what happens next
+    (the batch order and cursor, every random state, and what the stage adds), so that
+    --resume true ends where an uninterrupted run would."""
+
+    def __init__(self, cfg, d, model, optimizer, batches, *, kind, step_field, generators, out=None):
+        self.cfg, self.d, self.kind, self.step_field = cfg, d, kind, step_field
+        self.model, self.optimizer, self.batches, self.generators = model, optimizer, batches, generators
+        self.ddp_model = DDP(model) if d.ddp else model
+        self.out = out or cfg.out
+        self.path = os.path.join(self.out, "ckpt.pt")
+        self.resumed, self.logger = None, None
+
+    def resume(self):
+        """The step to continue after: with --resume true and a checkpoint to resume from, its step
+        (the weights, optimizer, batch order and random states put back, and self.resumed its
+        "resume" dict); else 0. Opens the log (a resumed one keeps its rows up to that step)."""
+        ckpt = resume_checkpoint(self.cfg, self.kind, self.step_field, self.d, self.path)
+        start = 0
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.batches.load_state_dict(ckpt["resume"]["batches"])
+            set_rng_states(self.d, ckpt["resume"]["rng"], *self.generators)
+            start, self.resumed = ckpt["step"], ckpt["resume"]
+        self.logger = Logger(self.out, self.d.master, resume_step=start if ckpt else None)
+        return start
+
+    def save(self, step, resume=None, **extra):
+        """Every process calls it (the random states are gathered); rank 0 writes. resume: what
+        the stage adds to the resume state; extra: what it adds beside the weights."""
+        rng = rng_states(self.d, *self.generators)
+        if self.d.master:
+            save_checkpoint(self.path, self.model, kind=self.kind, config=self.cfg, step=step, optimizer=self.optimizer,
+                            resume={"batches": self.batches.state_dict(), "rng": rng, **(resume or {})}, **extra)
 
 
 # ----------------------------------------------------------------------------- training
@@ -259,8 +426,9 @@ def micro_batches(batch_size, micro_batch_size, world_size):
     The global batch is the same whatever the number of processes."""
     micro = micro_batch_size or batch_size // world_size
     per_step = micro * world_size
-    assert micro > 0 and batch_size % per_step == 0, \
-        f"batch_size {batch_size} must be a multiple of micro_batch_size x processes = {per_step}"
+    if micro <= 0 or batch_size % per_step:
+        raise ConfigError(f"--batch_size {batch_size} must be a multiple of --micro_batch_size x processes "
+                          f"({micro_batch_size or 'batch_size / processes'} x {world_size})")
     return micro, batch_size // per_step
 
 

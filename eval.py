@@ -6,8 +6,8 @@ Score a policy checkpoint, or two side by side, on held-out prompts, and write J
 - win_rate: how often --init's response beats --compare's under the gold judge, ties half
 - judge, judge_win_rate: the same under a judge function (--judge FILE.py:fn, see rate.py), on
   any prompts; gold and its criteria only on the built-in task's prompts
-- rm_score: mean reward-model score (--reward)
-- kl: mean KL(policy || reference) per response in nats, exact over the vocabulary (--ref)
+- rm_score: mean reward-model score (--reward; an ensemble's mean over its members, as PPO scores it)
+- kl_exact: mean KL(policy || reference) per response in nats, exact over the vocabulary (--ref)
 - perplexity: on held-out demonstrations, the check that catches a policy that forgot how to write
 
     python eval.py --init out/ppo/ckpt.pt --compare out/sft/ckpt.pt --reward out/reward/ckpt.pt --ref out/sft/ckpt.pt
@@ -25,16 +25,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import CheckpointError, autocast, load_model, parse_config, pick_device, run_main, token_batches
+from common import check, check_tokenizers, compute_dtype, load_model, parse_config, pick_device, run_main, token_batches
 from data import task
-from data.formats import load_demonstrations
+from data.formats import DataError, load_demonstrations, load_prompts
 from data.tokenizer import encode_examples, get_tokenizer
-from kernels import kl_full
-from ppo import response_mask
-from rate import judge_scores, load_judge
-from reward import last_token_scores
-from sample import decode, encode_prompts, generate, get_prompts
-from sft import demo_batch, nll_sum
+from judges import judge_fn
+from model import Sampler
+from rollout import encode_prompts, exact_kl, generate, sequence_logprobs
+from scoring import load_ensemble, member_scores
 
 
 @dataclass
@@ -56,31 +54,31 @@ class Config:
     seed: int = 1234  # sampling seed (--compare uses seed + 1)
     device: str = ""  # cuda / cpu; default: cuda if available
 
+    def check(self):
+        check(self.n >= 0, f"--n must be 0 (every prompt) or more, not {self.n}")
+        check(self.batch_size >= 1 and self.max_new_tokens >= 1 and self.max_tokens >= 1,
+              "--batch_size, --max_new_tokens and --max_tokens must be 1 or more")
+
 
 @torch.no_grad()
-def rollouts(policy, prompts, cfg, seed, reward_model=None, ref_model=None):
-    """Sample one response per prompt; per response its text, RM score and exact KL to ref."""
+def rollouts(policy, prompts, cfg, seed, reward_models=(), ref_model=None):
+    """Sample one response per prompt; per response its text, reward-model score (the mean over
+    an ensemble's members) and exact KL to the reference."""
     enc = get_tokenizer(policy.config.tokenizer)
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = encode_prompts(enc, prompts, policy.config.block_size - cfg.max_new_tokens)
+    sampler = Sampler(policy, dtype=compute_dtype(device))
     out = {"responses": [], "rm_score": [], "kl": [], "ended": []}
     for s in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval", disable=None, leave=False):
-        query, query_mask, response = generate(policy, prompt_ids[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                                               temperature=cfg.temperature, generator=generator)
-        P = query.size(1)
-        mask = response_mask(response, enc.eot_token)
-        seq, seq_mask = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
-        out["responses"] += [decode(enc, r) for r in response.tolist()]
-        out["ended"] += (response == enc.eot_token).any(1).tolist()
-        if reward_model is not None:
-            out["rm_score"] += last_token_scores(reward_model, seq, seq_mask).tolist()
+        rollout = generate(sampler, prompt_ids[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, generator=generator)
+        out["responses"] += rollout.texts
+        out["ended"] += rollout.ended.tolist()
+        if reward_models:
+            out["rm_score"] += member_scores(reward_models, rollout.seq, rollout.seq_mask, cfg.batch_size).mean(0).tolist()
         if ref_model is not None:
-            with autocast(device):  # the logits of the response positions only: (B, N, V)
-                logits = policy(seq[:, :-1], seq_mask[:, :-1], start=P - 1)
-                ref_logits = ref_model(seq[:, :-1], seq_mask[:, :-1], start=P - 1)
-            kl = kl_full(logits, ref_logits, temperature=cfg.temperature)  # (B, N)
-            out["kl"] += (kl * mask).sum(1).tolist()
+            out["kl"] += exact_kl(policy, ref_model, rollout, cfg.temperature, cfg.batch_size).tolist()
     return out
 
 
@@ -91,12 +89,11 @@ def perplexity(model, demos, max_tokens):
     enc = get_tokenizer(model.config.tokenizer)
     device = next(model.parameters()).device
     examples = encode_examples(enc, demos, model.config.block_size)
-    nll, count = 0.0, 0
+    logprob, count = 0.0, 0
     for idx in token_batches([len(p) + len(r) for p, r in examples], max_tokens):
-        ids, _, loss_mask = demo_batch([examples[i] for i in idx], enc.eot_token, device)
-        nll += nll_sum(model, ids, loss_mask).item()
-        count += loss_mask[:, 1:].sum().item()
-    return math.exp(nll / count)
+        lp, lengths = sequence_logprobs(model, [examples[i] for i in idx], enc.eot_token, device)
+        logprob, count = logprob + lp.sum().item(), count + lengths.sum().item()
+    return math.exp(-logprob / count)
 
 
 def mean(xs):
@@ -111,11 +108,14 @@ def win_rate(a, b):
 def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
-    prompts = get_prompts(cfg.prompts, "test", cfg.n)
+    prompts = task.prompts("test") if cfg.prompts == "task" else load_prompts(cfg.prompts)
+    prompts = prompts[:cfg.n] if cfg.n else prompts
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no prompts")
     on_task = all(task.is_task_prompt(p) for p in prompts)
-    reward_model = load_model(cfg.reward, kind="reward", device=device).eval() if cfg.reward else None
-    ref_model = load_model(cfg.ref, kind="policy", device=device).eval() if cfg.ref else None
-    judge = load_judge(cfg.judge) if cfg.judge else None
+    reward_models = load_ensemble(cfg.reward, device, flag="--reward") if cfg.reward else []
+    ref_model = load_model(cfg.ref, kind="policy", device=device, flag="--ref").eval() if cfg.ref else None
+    judge = judge_fn(cfg.judge) if cfg.judge else None
     if cfg.demos == "task":
         demos = task.demonstrations("val", 500, seed=1)
     else:
@@ -124,15 +124,14 @@ def main():
     results = {"prompts": len(prompts), "temperature": cfg.temperature, "models": {}}
     samples = {}
     for i, path in enumerate([cfg.init] + ([cfg.compare] if cfg.compare else [])):
-        model = load_model(path, kind="policy", device=device).eval()
-        for other, other_path in ((reward_model, cfg.reward), (ref_model, cfg.ref)):
-            if other is not None and other.config.tokenizer != model.config.tokenizer:
-                raise CheckpointError(f"{other_path}: uses tokenizer {other.config.tokenizer!r} but {path} uses {model.config.tokenizer!r}")
+        model = load_model(path, kind="policy", device=device, flag="--compare" if i else "--init").eval()
+        check_tokenizers({path: model, **({cfg.reward: reward_models[0]} if reward_models else {}),
+                          **({cfg.ref: ref_model} if ref_model is not None else {})})
         # independent samples for the two models: a shared seed would make similar policies write
         # the same responses, and the ties would pull the win rate towards 0.5
-        r = rollouts(model, prompts, cfg, cfg.seed + i, reward_model, ref_model)
+        r = rollouts(model, prompts, cfg, cfg.seed + i, reward_models, ref_model)
         samples[path] = r["responses"]
-        m = {"rm_score": mean(r["rm_score"]), "kl": mean(r["kl"]), "eos_rate": mean(r["ended"]),
+        m = {"rm_score": mean(r["rm_score"]), "kl_exact": mean(r["kl"]), "eos_rate": mean(r["ended"]),
              "resp_words": mean([len(t.split()) for t in r["responses"]])}
         if on_task:
             r["gold"] = [task.gold_score(p, t) for p, t in zip(prompts, r["responses"])]
@@ -141,7 +140,7 @@ def main():
             m["criteria"] = {k: mean([float(j[k]) for j in judged]) for k in judged[0]}  # rates, and mean words
             samples[path + ":gold"] = r["gold"]
         if judge is not None:
-            r["judge"] = judge_scores(judge, cfg.judge, prompts, r["responses"])
+            r["judge"] = judge(prompts, r["responses"])
             m["judge"] = mean(r["judge"])
             samples[path + ":judge"] = r["judge"]
         if demos:

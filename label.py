@@ -37,11 +37,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 
-import torch
-
-from common import load_model, parse_config, pick_device, run_main
-from data.formats import DataError, load_candidates, load_rankings, ranking_pairs, write_jsonl
-from sample import get_prompts, sample_responses
+from common import check, load_model, parse_config, pick_device, run_main
+from data.formats import DataError, get_prompts, load_candidates, load_rankings, ranking_pairs, write_jsonl
+from rollout import sample_responses
 
 
 @dataclass
@@ -61,6 +59,10 @@ class Config:
     batch: int = 4  # prompts sampled at a time (small, so you wait little)
     seed: int = 0  # same seed, same samples (on CPU)
     device: str = ""  # cuda / cpu; default: cuda if available
+
+    def check(self):
+        check(self.k >= 2, f"--k must be 2 or more: ranking needs at least two responses, not {self.k}")
+        check(self.n >= 0 and self.batch >= 1, "--n must be 0 (all) or more and --batch 1 or more")
 
 
 HELP = """\
@@ -171,7 +173,13 @@ def responses_to_rank(cfg, todo):
 def label(cfg):
     if cfg.candidates:
         items = [(c["prompt"], c["responses"]) for c in load_candidates(cfg.candidates)]
-        items = [it for it in items if len(it[1]) >= 2]  # one response leaves nothing to rank
+        rankable = [it for it in items if len(set(it[1])) >= 2]  # one distinct response leaves nothing to rank
+        if len(rankable) < len(items):
+            print(f"{cfg.candidates}: {len(items) - len(rankable)} of {len(items)} prompts skipped: fewer than 2 "
+                  f"distinct responses to rank")
+        if not rankable:
+            raise DataError(f"{cfg.candidates}: no prompt has 2 or more distinct responses to rank; sample with --k 2 or more")
+        items = rankable
     else:
         if not cfg.init:
             raise DataError("label.py: give --init CKPT (to sample responses) or --candidates FILE")

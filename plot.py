@@ -31,7 +31,7 @@ PANELS = [
     ("rm_margin", "reward", "reward model margin (val)", ["val/margin"]),
     ("rm_score", "ppo", "PPO reward-model score", ["objective/rm_score", "eval/rm_score"]),
     ("gold", "ppo", "PPO gold score", ["gold", "eval/gold"]),
-    ("kl", "ppo", "PPO KL to the reference", ["objective/kl", "eval/kl"]),
+    ("kl", "ppo", "PPO KL to the reference", ["objective/kl_k1", "objective/kl_k2", "objective/kl_k3", "objective/kl_exact", "eval/kl_exact"]),
     ("entropy", "ppo", "PPO entropy", ["objective/entropy"]),
     ("clipfrac", "ppo", "PPO clip fraction", ["ppo/clipfrac"]),
     ("resp_len", "ppo", "PPO response length", ["rollout/resp_len", "eval/resp_len"]),
@@ -39,7 +39,7 @@ PANELS = [
     ("dpo_margin", "dpo", "DPO implicit reward margin", ["rewards/margin", "val/rewards/margin"]),
     ("dpo_accuracy", "dpo", "DPO pair accuracy", ["accuracy", "val/accuracy"]),
     ("dpo_gold", "dpo", "DPO gold score (held-out)", ["val/gold"]),
-    ("dpo_kl", "dpo", "DPO KL to the reference (held-out)", ["val/kl"]),
+    ("dpo_kl", "dpo", "DPO KL to the reference (held-out)", ["val/kl_exact"]),
 ]
 STAGES = ["sft", "reward", "ppo", "dpo"]  # the folders of a pipeline's OUT, in train.sh's order
 LINE_STYLES = ["-", "--", ":"]

@@ -17,19 +17,19 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import Logger, all_reduce_mean, autocast, cleanup, done_line, load_model, lr_at, make_optimizer, micro_batches, \
-    parse_config, print0, resume_checkpoint, rng_states, run_main, save_checkpoint, set_rng_states, setup, token_batches
+from common import Batches, Run, RunConfig, all_reduce_mean, check, check_out, check_positive, cleanup, done_line, \
+    load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, token_batches
 from data import task
 from data.formats import DataError, load_demonstrations
-from data.tokenizer import encode_examples, get_tokenizer, pad
+from data.tokenizer import encode_examples, get_tokenizer
 from model import GPT, GPTConfig
+from rollout import sequence_logprobs
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     data: str = "task"  # demonstrations JSONL (.gz too), or "task" for the built-in task
     val_data: str = ""  # held-out demonstrations; default: the task's val split, or 5% of --data
     init: str = ""  # checkpoint to start from; empty: a new model of the size below
@@ -49,40 +49,29 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm
     fused_lm_head: bool = True  # log-probs straight from hidden states (kernels.linear_logprobs; false: logits, then token_logprobs)
     eval_every: int = 200  # steps between validation losses
-    save_every: int = 0  # steps between checkpoints that --resume can continue from (0: at the end only)
-    resume: bool = False  # continue from OUT/ckpt.pt (same settings; only --max_steps may change)
-    skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
-    seed: int = 0  # same seed, same numbers (on CPU)
-    device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
+
+    def check(self):
+        check_positive(self, "batch_size", "max_steps", "eval_every", "n_layer", "n_head", "n_embd", "block_size", "n_demos")
+        check(self.n_embd % self.n_head == 0, f"--n_embd {self.n_embd} must be a multiple of --n_head {self.n_head}")
 
 
-def demo_batch(examples, eot, device):
-    """[(prompt_ids, response_ids)] -> right-padded ids, attention mask and loss mask, (B, T) each;
-    the loss mask covers the response tokens and their EOS."""
-    ids, mask = pad([p + r for p, r in examples], eot)
-    loss_mask = torch.zeros_like(mask)
-    for i, (p, r) in enumerate(examples):
-        loss_mask[i, len(p):len(p) + len(r)] = 1
-    return ids.to(device), mask.to(device), loss_mask.to(device)
-
-
-def nll_sum(model, ids, loss_mask):
-    """Summed negative log-likelihood of the loss-masked tokens (the caller divides by the count).
-    ids are right-padded, so no mask is needed (causal attention keeps real tokens off the pads),
-    and the log-probs come through kernels.token_logprobs: no fp32 (B, T, V) copy of the logits."""
-    with autocast(ids.device):
-        logprobs = model(ids[:, :-1], targets=ids[:, 1:])  # (B, T-1): position t predicts token t+1
-    return -(logprobs * loss_mask[:, 1:]).sum()
+def nll_sum(model, examples, eot, device):
+    """Summed negative log-likelihood of the response tokens (and their EOS) of [(prompt_ids,
+    response_ids)], and how many there are (the caller divides by the count)."""
+    logprobs, lengths = sequence_logprobs(model, examples, eot, device)
+    return -logprobs.sum(), int(lengths.sum())
 
 
 def main():
+    # ---- config and setup
     cfg = parse_config(Config)
     d = setup(cfg.device, cfg.seed)
-    cfg.micro_batch_size, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
+    micro, accum = micro_batches(cfg.batch_size, cfg.micro_batch_size, d.world_size)
+    check_out(cfg)
 
     # ---- model
     if cfg.init:
-        model = load_model(cfg.init, kind="policy", device=d.device)
+        model = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
     else:
         enc = get_tokenizer(cfg.tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
@@ -92,6 +81,60 @@ def main():
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")
 
     # ---- data: (prompt_ids, response_ids) pairs
+    train, val, stats = load_data(cfg, enc, model.config.block_size)
+
+    # ---- train
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
+    run = Run(cfg, d, model, make_optimizer(model, cfg.lr, cfg.weight_decay, d.device),
+              Batches(len(train), cfg.batch_size, gen, d), kind="policy", step_field="max_steps", generators=[gen])
+    start = run.resume()
+    optimizer, logger = run.optimizer, run.logger
+    model.train()
+    t0, tokens = time.time(), 0
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="sft", disable=None if d.master else True, dynamic_ncols=True,
+               initial=start, total=cfg.max_steps)
+    for step in bar:
+        mine = run.batches.next()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+        chunks = [[train[i] for i in mine[k * micro:(k + 1) * micro]] for k in range(accum)]
+        # the loss is the mean over every response token of the global batch, whatever the split
+        # into processes and micro-batches (DDP averages gradients over processes, hence * world_size)
+        n_tokens = all_reduce_mean(sum(len(r) for chunk in chunks for _, r in chunk), d) * d.world_size
+        loss_sum = 0.0
+        for k, chunk in enumerate(chunks):
+            if d.ddp:  # synchronise gradients only on the last micro-batch
+                run.ddp_model.require_backward_grad_sync = k == accum - 1
+            nll, _ = nll_sum(run.ddp_model, chunk, enc.eot_token, d.device)
+            loss = nll * d.world_size / n_tokens
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += sum(len(p) + len(r) for p, r in chunk)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": all_reduce_mean(loss_sum, d), "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+                   "tok/s": round(all_reduce_mean(tokens, d) * d.world_size / (time.time() - t0))}
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            metrics["val_loss"] = all_reduce_mean(evaluate(model, val, enc.eot_token, micro * model.config.block_size), d)
+            logger.log(step, metrics, bar=bar)
+        elif d.master:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            logger.log(step, metrics, console=[])  # file only; the bar shows progress
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            run.save(step)
+
+    # ---- save
+    val_loss = metrics["val_loss"] if start < cfg.max_steps else \
+        all_reduce_mean(evaluate(model, val, enc.eot_token, micro * model.config.block_size), d)
+    run.save(cfg.max_steps, val_loss=val_loss)
+    print0(done_line("sft", stats, f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) in {time.time() - t0:.0f}s",
+                     f"{cfg.out}/ckpt.pt", d.device))
+    cleanup(d)
+
+
+def load_data(cfg, enc, block):
+    """(train, val, stats): the demonstrations as (prompt_ids, response_ids), cut to the context."""
     stats = {}
     if cfg.data == "task":
         train = task.demonstrations("train", cfg.n_demos, seed=cfg.seed)
@@ -104,93 +147,41 @@ def main():
         else:
             n_val = max(1, len(train) // 20)
             train, val = train[:-n_val], train[-n_val:]
-    block = model.config.block_size
+    read = {"train": len(train), "val": len(val)}
     train, val = encode_examples(enc, train, block, stats), encode_examples(enc, val, block, stats)
     print0(f"data: {len(train)} train / {len(val)} val demonstrations; "
            f"{stats.get('truncated', 0)} prompts cut from the left, {stats.get('dropped', 0)} dropped (response longer than {block} tokens), "
            f"{stats.get('bad_lines', 0)} bad lines skipped")
-    if not train or not val:
-        raise DataError(f"{cfg.data}: no demonstrations left to {'train on' if not train else 'validate on'} "
-                        f"after dropping those longer than the {block}-token context")
+    for split, kept in (("train", train), ("val", val)):
+        if kept:
+            continue
+        source = cfg.val_data if split == "val" and cfg.val_data else cfg.data
+        if read[split]:
+            why = f"all {read[split]} are longer than the {block}-token context"
+        elif split == "train" and not cfg.val_data and cfg.data != "task":
+            why = (f"{read['val']} row(s) read, all held out for validation (1 in 20, at least 1); "
+                   f"add rows or give held-out ones with --val_data")
+        else:
+            why = "the file has none"
+        raise DataError(f"{source}: no demonstrations to {'train on' if split == 'train' else 'validate on'}: {why}")
+    if len(train) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(train)} demonstrations to train on, fewer than one batch of --batch_size "
+                        f"{cfg.batch_size}; add demonstrations or lower --batch_size")
+    return train, val, stats
 
-    def batch(examples):
-        return demo_batch(examples, enc.eot_token, d.device)
 
-    @torch.no_grad()
-    def evaluate():
-        # batches of at most a training micro-batch's tokens: validation never needs more memory
-        model.eval()
-        total, count = 0.0, 0
-        for idx in token_batches([len(p) + len(r) for p, r in val], cfg.micro_batch_size * block):
-            ids, _, loss_mask = batch([val[i] for i in idx])
-            total += nll_sum(model, ids, loss_mask).item()
-            count += loss_mask[:, 1:].sum().item()
-        model.train()
-        return total / count
-
-    # ---- train
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, d.device)
-    ddp_model = DDP(model) if d.ddp else model
-    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
-    order, cursor, start = torch.randperm(len(train), generator=gen), 0, 0
-    ckpt = resume_checkpoint(cfg, "policy", "max_steps", d)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        order, cursor, start = ckpt["resume"]["order"], ckpt["resume"]["cursor"], ckpt["step"]
-        set_rng_states(d, ckpt["resume"]["rng"], gen)
-    logger = Logger(cfg.out, d.master, resume_step=start if ckpt else None)
-
-    def save(step, **extra):
-        rng = rng_states(d, gen)  # every process takes part
-        if d.master:
-            save_checkpoint(f"{cfg.out}/ckpt.pt", model, kind="policy", config=cfg, step=step, optimizer=optimizer,
-                            resume={"order": order, "cursor": cursor, "rng": rng}, **extra)
-
+@torch.no_grad()
+def evaluate(model, val, eot, max_tokens):
+    """Mean NLL per response token of the held-out demonstrations, in batches of at most
+    max_tokens (a training micro-batch's: validation never needs more memory)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for idx in token_batches([len(p) + len(r) for p, r in val], max_tokens):
+        nll, n = nll_sum(model, [val[i] for i in idx], eot, device)
+        total, count = total + nll.item(), count + n
     model.train()
-    t0, tokens = time.time(), 0
-    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="sft", disable=None if d.master else True, dynamic_ncols=True,
-               initial=start, total=cfg.max_steps)
-    for step in bar:
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(train), generator=gen), 0
-        global_idx = order[cursor:cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        mine = global_idx[d.rank * cfg.micro_batch_size * accum:(d.rank + 1) * cfg.micro_batch_size * accum]
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
-        chunks = [batch([train[i] for i in mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]])
-                  for k in range(accum)]
-        # the loss is the mean over every response token of the global batch, whatever the split
-        # into processes and micro-batches (DDP averages gradients over processes, hence * world_size)
-        n_tokens = all_reduce_mean(sum(int(lm[:, 1:].sum()) for _, _, lm in chunks), d) * d.world_size
-        loss_sum = 0.0
-        for k, (ids, mask, loss_mask) in enumerate(chunks):
-            if d.ddp:  # synchronise gradients only on the last micro-batch
-                ddp_model.require_backward_grad_sync = k == accum - 1
-            loss = nll_sum(ddp_model, ids, loss_mask) * d.world_size / n_tokens
-            loss.backward()
-            loss_sum += loss.item()
-            tokens += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": all_reduce_mean(loss_sum, d), "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-                   "tok/s": round(all_reduce_mean(tokens, d) * d.world_size / (time.time() - t0))}
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            metrics["val_loss"] = all_reduce_mean(evaluate(), d)
-            logger.log(step, metrics, bar=bar)
-        elif d.master:
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            logger.log(step, metrics, console=[])  # file only; the bar shows progress
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save(step)
-
-    val_loss = metrics["val_loss"] if start < cfg.max_steps else all_reduce_mean(evaluate(), d)
-    save(cfg.max_steps, val_loss=val_loss)
-    print0(done_line("sft", stats, f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) in {time.time() - t0:.0f}s",
-                     f"{cfg.out}/ckpt.pt", d.device))
-    cleanup(d)
+    return total / count
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from data import task  # noqa: E402
 from data.tokenizer import encode_examples, get_tokenizer  # noqa: E402
-from reward import load_ensemble, score_sequences  # noqa: E402
+from scoring import load_ensemble, score_sequences  # noqa: E402
 
 members = [m.eval() for m in load_ensemble(sys.argv[1])]
 enc = get_tokenizer(members[0].config.tokenizer)

@@ -20,6 +20,7 @@ HH-RLHF         {"chosen", "rejected"}: whole dialogues "\n\nHuman: ...\n\nAssis
 """
 
 import gzip
+import hashlib
 import json
 import os
 
@@ -214,6 +215,16 @@ def load_prompts(path, *, skip_bad_lines=False, stats=None):
     return _load(path, formats, skip_bad_lines, stats)
 
 
+def get_prompts(source, split="test", n=0, offset=0):
+    """The prompts to sample: the built-in task's split, or a file's; n of them (0: all) after the first offset."""
+    if source == "task":
+        from data import task
+        prompts = task.prompts(split)
+    else:
+        prompts = load_prompts(source)
+    return prompts[offset:offset + n] if n else prompts[offset:]
+
+
 def load_candidates(path, *, skip_bad_lines=False, stats=None):
     """[{"prompt": str, "responses": [str, ...]}], at least one response each."""
     def candidates(row):
@@ -292,6 +303,35 @@ def fit_to_context(prompt_ids, response_ids, max_len):
     if len(prompt_ids) > room:
         prompt_ids = prompt_ids[len(prompt_ids) - room:]
     return prompt_ids, response_ids
+
+
+# -----------------------------------------------------------------------------
+# Held-out splits
+
+
+def prompt_hash(prompt):
+    """A prompt's md5 as an integer: every split by prompt (the task's train/val/test, the
+    rankings held out of reward.py and dpo.py, the prompts held out of ppo.py) hashes the text, so
+    a prompt lands on the same side whatever the file's order, the seed or a repeat of it."""
+    return int(hashlib.md5(prompt.encode()).hexdigest(), 16)
+
+
+def held_out(prompt, frac):
+    """True for about frac of all prompts, always the same ones."""
+    return prompt_hash(prompt) % 1000 < frac * 1000
+
+
+def split_rankings(rows, frac):
+    """(train, held-out) rankings rows, split by prompt: a prompt's every ranking (two raters'
+    too) lands on one side."""
+    return [r for r in rows if not held_out(r["prompt"], frac)], [r for r in rows if held_out(r["prompt"], frac)]
+
+
+def held_out_prompts(prompts, n):
+    """(train, held-out) prompts: the n whose hash is lowest are held out; a prompt held out is
+    never trained on, also where the list repeats it."""
+    held = set(sorted(set(prompts), key=prompt_hash)[:n])
+    return [p for p in prompts if p not in held], [p for p in prompts if p in held]
 
 
 # -----------------------------------------------------------------------------

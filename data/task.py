@@ -13,7 +13,7 @@ The built-in task: a small help desk that adds numbers, standing in for real hum
   politeness and brevity. It stands for human judgment: the reward model and PPO never see
   it; eval.py uses it as the judge.
 - Simulated raters rank K responses by a noisy Bradley-Terry choice over the gold score
-  (Plackett-Luce, its K-way form: rate.py), each rater with their own noise, and write the
+  (Plackett-Luce, its K-way form: judges/), each rater with their own noise, and write the
   rankings file that a person labelling with label.py would write. `gold` is the gold score as a
   judge function, so `python rate.py --judge data/task.py:gold` ranks by it too.
 
@@ -21,11 +21,12 @@ The built-in task: a small help desk that adds numbers, standing in for real hum
 """
 
 import argparse
-import hashlib
 import random
 import re
 
-import rate as rate_by_judge  # rate.py at the repo root: Plackett-Luce ranking by a judge's scores
+from data.formats import prompt_hash
+
+from judges import rank as rank_by_scores  # Plackett-Luce over a judge's scores
 
 NAMES = ("mia ana bob cal dee eli fay gus hal ida jon kim leo max ned oli pam quin rex sam "
          "tom uma val wes xia yan zoe abe bea cyd dot eve fin gil hop ike jay kai liv mo").split()
@@ -52,7 +53,7 @@ RATERS = {"ann": 0.2, "ben": 0.3, "cat": 0.5}
 
 def split_of(prompt):
     """'train', 'val' or 'test', fixed by the prompt's text so the splits never overlap."""
-    h = int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 10
+    h = prompt_hash(prompt) % 10
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
@@ -140,8 +141,8 @@ def gold(prompts, responses):
 
 def rank(prompt, responses, rater, rng):
     """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold at
-    the rater's temperature (rate.py's simulated rater). Identical responses are tied."""
-    return rate_by_judge.rank(responses, gold([prompt] * len(responses), responses), RATERS[rater], rng)
+    the rater's temperature (judges.rank). Identical responses are tied."""
+    return rank_by_scores(responses, gold([prompt] * len(responses), responses), RATERS[rater], rng)
 
 
 def rate(candidates, seed=0, second_opinion=0.2):

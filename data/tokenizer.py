@@ -125,3 +125,48 @@ def pad(seqs, value, left=False):
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
+
+
+def encode_rankings(enc, rows, block_size, stats, split=False):
+    """Rankings -> [(sequences, pairs, row)]: every response as prompt + response + EOS token ids
+    (split=True: as the pair (prompt_ids, response_ids), for a loss on the response alone), and the
+    (better, worse) index pairs its ranking implies. A ranking with a response that does not fit
+    the context, or with no pair at all (all tied), is dropped and counted."""
+    from data.formats import ranking_pairs
+    out = []
+    for row in rows:
+        examples = [{"prompt": row["prompt"], "response": r} for r in row["responses"]]
+        counts = {}
+        seqs = encode_examples(enc, examples, block_size, counts)
+        stats["truncated"] = stats.get("truncated", 0) + counts.get("truncated", 0)
+        pairs = ranking_pairs(row["ranking"])
+        if len(seqs) < len(examples) or not pairs:
+            stats["dropped"] = stats.get("dropped", 0) + 1
+            continue
+        out.append((seqs if split else [p + r for p, r in seqs], pairs, row))
+    return out
+
+
+def ranking_data(cfg, rows, enc, block_size, stats, *, stage, split=False):
+    """(train, val, summary line) for reward.py and dpo.py: rows split by prompt (or held-out rows
+    from cfg.val_data), encoded as encode_rankings does. Too few to train and to hold out is one
+    sentence that says what to do."""
+    from data.formats import DataError, load_rankings, split_rankings
+    if cfg.val_data:
+        train_rows, val_rows = rows, load_rankings(cfg.val_data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
+    else:  # split by prompt, so no held-out prompt was seen in training (also with two raters)
+        train_rows, val_rows = split_rankings(rows, cfg.val_frac)
+    train = encode_rankings(enc, train_rows, block_size, stats, split)
+    val = encode_rankings(enc, val_rows, block_size, stats, split)
+    line = (f"data: {len(train)} train rankings ({sum(len(p) for _, p, _ in train)} pairs) / {len(val)} val rankings; "
+            f"{stats.get('truncated', 0)} responses' prompts cut from the left, {stats.get('dropped', 0)} rankings dropped "
+            f"(a response longer than {block_size} tokens, or all tied), {stats.get('bad_lines', 0)} bad lines skipped")
+    if not train or not val:
+        raise DataError(f"{cfg.val_data if train and cfg.val_data else cfg.data}: {len(train)} rankings to train on and "
+                        f"{len(val)} to hold out, but {stage} needs both: add rankings (with --val_frac {cfg.val_frac}, "
+                        f"about 1 prompt in {round(1 / max(cfg.val_frac, 1e-9))} is held out), or give held-out rankings "
+                        f"with --val_data")
+    if len(train) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(train)} training rankings, fewer than one batch of --batch_size {cfg.batch_size}; "
+                        f"add rankings or lower --batch_size")
+    return train, val, line

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import rate
+from judges import JudgeError, load_judge, plackett_luce, rank
 from common import ConfigError
 from data import task
 from data.formats import load_rankings, write_jsonl
@@ -66,12 +66,12 @@ def judges(tmp_path):
 # ----------------------------------------------------------------------------- loading and calling
 
 def test_load_judge_names_what_is_wrong(judges):
-    assert rate.load_judge(f"{judges}:length")(["p"], ["abc"]) == [3.0]
-    assert issubclass(rate.JudgeError, ConfigError)  # so run_main prints it as one sentence
+    assert load_judge(f"{judges}:length")(["p"], ["abc"]) == [3.0]
+    assert issubclass(JudgeError, ConfigError)  # so run_main prints it as one sentence
     for spec, why in [(str(judges), "expected FILE.py:function"), (f"{judges.parent / 'gone.py'}:length", "no such file"),
                       (f"{judges}:missing", "has no function missing")]:
-        with pytest.raises(rate.JudgeError, match=why) as e:
-            rate.load_judge(spec)
+        with pytest.raises(JudgeError, match=why) as e:
+            load_judge(spec)
         assert spec in str(e.value)
 
 
@@ -90,19 +90,19 @@ def test_a_judge_that_answers_wrongly_stops_with_one_sentence(judges, tmp_path, 
 # ----------------------------------------------------------------------------- ranking
 
 def test_temperature_zero_sorts_by_score_and_ties_equal_scores():
-    assert rate.rank(["a", "b", "c", "d"], [0.5, 2.0, 0.5, -1.0], 0, random.Random(0)) == [[1], [0, 2], [3]]
-    assert rate.rank(["a", "b"], [1.0, 1.0], 0, random.Random(0)) == [[0, 1]]
+    assert rank(["a", "b", "c", "d"], [0.5, 2.0, 0.5, -1.0], 0, random.Random(0)) == [[1], [0, 2], [3]]
+    assert rank(["a", "b"], [1.0, 1.0], 0, random.Random(0)) == [[0, 1]]
 
 
 def test_plackett_luce_puts_the_best_first_as_often_as_the_model_says():
     rng, n = random.Random(0), 4000
     scores = [1.0, 0.0, 0.0, 0.0]
     for temperature in (0.2, 1.0, 5.0):
-        first = sum(rate.plackett_luce(scores, temperature, rng)[0] == 0 for _ in range(n)) / n
+        first = sum(plackett_luce(scores, temperature, rng)[0] == 0 for _ in range(n)) / n
         expected = math.exp(1 / temperature) / (math.exp(1 / temperature) + 3)  # 0.98, 0.48, 0.30
         assert first == pytest.approx(expected, abs=0.03), temperature
     # above temperature 0 identical responses are tied, different ones with equal scores are not
-    groups = rate.rank(["a", "b", "a"], [0.0, 0.0, 0.0], 1.0, rng)
+    groups = rank(["a", "b", "a"], [0.0, 0.0, 0.0], 1.0, rng)
     assert sorted(map(sorted, groups)) == [[0, 2], [1]]
 
 
@@ -110,7 +110,7 @@ def test_rate_py_writes_rankings_that_load(judges, tmp_path):
     out = tmp_path / "rankings.jsonl"
     proc = script("rate.py", "--candidates", tmp_path / "candidates.jsonl", "--judge", f"{judges}:length",
                   "--raters", 3, "--out", out)
-    assert "2 prompts, 6 responses" in proc.stdout and "6 rankings by 3 rater(s)" in proc.stdout, proc.stdout
+    assert "2 prompts (0 skipped: fewer than 2 distinct responses), 6 responses" in proc.stdout and "6 rankings by 3 rater(s)" in proc.stdout, proc.stdout
     rows = load_rankings(str(out))
     assert [r["rater"] for r in rows] == ["length-1", "length-2", "length-3"] * 2  # N rows per prompt, own names
     assert all(r["ranking"] == [[2], [0, 3], [1]] for r in rows[:3])  # by length, "bb" and "cc" tied
@@ -137,7 +137,7 @@ def test_task_raters_are_plackett_luce_over_the_gold_judge(tmp_path):
     responses = [task.demonstrate(prompt, rng) for _ in range(4)]
     gold = task.gold([prompt] * 4, responses)
     assert gold == [task.gold_score(prompt, r) for r in responses]
-    assert task.rank(prompt, responses, "cat", random.Random(7)) == rate.rank(responses, gold, task.RATERS["cat"], random.Random(7))
+    assert task.rank(prompt, responses, "cat", random.Random(7)) == rank(responses, gold, task.RATERS["cat"], random.Random(7))
     # `python -m data.task rate` writes the rankings format as before, and rate.py can rank by gold too
     write_jsonl(tmp_path / "candidates.jsonl", [{"prompt": prompt, "responses": responses}])
     script("-m", "data.task", "rate", "--candidates", tmp_path / "candidates.jsonl", "--out", tmp_path / "task.jsonl")

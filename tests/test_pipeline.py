@@ -17,7 +17,7 @@ def test_quick_pipeline_two_rounds_ppo_and_dpo_beat_sft_under_the_gold_judge(tmp
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    policy_keys = ["gold", "rm_score", "kl", "win_rate_vs_sft", "perplexity"]
+    policy_keys = ["gold", "rm_score", "kl_exact", "win_rate_vs_sft", "perplexity"]
     for section, keys in {"sft": ["gold", "val_loss"], "reward": ["val_accuracy"], "ppo": policy_keys, "dpo": policy_keys,
                           "seconds": ["sft", "reward", "ppo", "dpo", "total"]}.items():
         assert set(keys) <= set(summary[section]), (section, summary[section])
@@ -25,8 +25,10 @@ def test_quick_pipeline_two_rounds_ppo_and_dpo_beat_sft_under_the_gold_judge(tmp
     for method in ("ppo", "dpo"):
         assert summary[method]["gold"] > summary["sft"]["gold"], (method, summary)
         assert summary[method]["win_rate_vs_sft"] > 0.5, (method, summary)
-        assert summary[method]["kl"] > 0, (method, summary)
+        assert summary[method]["kl_exact"] > 0.05, (method, summary)  # it moved away from SFT, measurably
     assert summary["reward"]["val_accuracy"] > 0.5, summary  # better than chance against gold
+    sft_eval = json.loads((out / "eval_ppo.json").read_text())["models"]
+    assert list(sft_eval.values())[1]["kl_exact"] == 0  # SFT against itself: the exact KL is exactly 0
     # round 2 sampled new prompts, trained again, and was scored like round 1
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for row in summary["rounds"]:

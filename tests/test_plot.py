@@ -38,11 +38,11 @@ def ppo_rows(scale=1.0, gold=True):
     for u in range(0, 11):
         if u > 0:
             rows.append({"step": u, "time": u, "objective/score": scale * u, "objective/rm_score": scale * u,
-                         "objective/kl": scale * u * u, "objective/rlhf_reward": u, "objective/entropy": 1 / (u + scale),
+                         "objective/kl_k1": scale * u * u, "objective/rlhf_reward": u, "objective/entropy": 1 / (u + scale),
                          "ppo/clipfrac": 0.05 * scale, "ppo/approx_kl": 0.01, "rollout/resp_len": 10 + u,
-                         "rollout/eos_rate": 1.0, "beta": 0.05, "tok/s": 100, **({"gold": 1 - scale * u} if gold else {})})
+                         "rollout/eos_rate": 1.0, "kl_coef": 0.05, "tok/s": 100, **({"gold": 1 - scale * u} if gold else {})})
         if u % 5 == 0:
-            rows.append({"step": u, "time": u, "eval/score": scale * u, "eval/rm_score": scale * u, "eval/kl": scale * u * u,
+            rows.append({"step": u, "time": u, "eval/score": scale * u, "eval/rm_score": scale * u, "eval/kl_exact": scale * u * u,
                          "eval/resp_len": 12.0, **({"eval/gold": 1 - scale * u} if gold else {})})
     return rows
 
@@ -50,7 +50,7 @@ def ppo_rows(scale=1.0, gold=True):
 def dpo_rows():
     """DPO as dpo.py logs it: a row per step, the held-out val/* at step 0 and every 5 steps."""
     val = lambda s: {"val/loss": 0.69 - s / 100, "val/rewards/margin": s / 20, "val/accuracy": 0.5 + s / 40,
-                     "val/kl": s / 10, "val/gold": 1 + s / 10}
+                     "val/kl_exact": s / 10, "val/gold": 1 + s / 10}
     return [{"step": 0, "time": 0, **val(0)}] + [
         {"step": s, "time": s, "loss": 0.69 - s / 50, "rewards/margin": s / 10, "accuracy": 0.5 + s / 30, "nll": 0.3,
          **(val(s) if s % 5 == 0 else {})} for s in range(1, 11)]

@@ -1,5 +1,5 @@
-"""reward.py's normalisation (SFT samples score 0 on average) and val accuracy split by whether
-the raters agreed."""
+"""reward.py's normalisation (SFT samples score 0 on average, through main) and val accuracy split by
+whether the raters agreed."""
 
 import dataclasses
 import sys
@@ -11,9 +11,9 @@ import reward
 from common import load_checkpoint, save_checkpoint
 from data import task
 from data.formats import write_jsonl
-from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from sample import sample_responses
+from data.tokenizer import encode_examples, encode_rankings, get_tokenizer
+from scoring import score_sequences
 
 CPU = torch.device("cpu")
 
@@ -22,21 +22,6 @@ def tiny(head="lm"):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2,
                          n_embd=16, head=head, tokenizer="task"))
-
-
-def test_normalize_makes_sft_samples_score_zero_on_average():
-    policy, model = tiny("lm"), tiny("scalar")
-    with torch.no_grad():
-        model.score.bias.fill_(3.0)
-    prompts = task.prompts("train")[:12]
-    before, after = reward.normalize_reward(model, policy, prompts, CPU, seed=1)
-    assert before > 2 and abs(after) < 1e-5
-    # scored again from scratch, the same samples average 0
-    enc = get_tokenizer("task")
-    responses = sample_responses(policy, prompts, k=1, seed=1)
-    seqs = [p + r for p, r in reward.encode_examples(
-        enc, [{"prompt": p, "response": r[0]} for p, r in zip(prompts, responses)], 64)]
-    assert reward.score_sequences(model, seqs, enc.eot_token, CPU).mean().item() == pytest.approx(0, abs=1e-5)
 
 
 def test_rater_agreement_labels():
@@ -50,19 +35,19 @@ def test_rater_agreement_labels():
 
 def val_set(rows):
     enc = get_tokenizer("task")
-    return reward.encode_rankings(enc, rows, 64, {})
+    return encode_rankings(enc, rows, 64, {})
 
 
-def test_validate_splits_accuracy_by_rater_agreement():
+def test_evaluate_splits_accuracy_by_rater_agreement():
     model = tiny("scalar")
     prompts = task.prompts("val")[:2]
     resp = [" hi! 1 plus 1 is 2.", " 1 plus 1 is 3.", " ugh."]
     rows = [{"prompt": prompts[0], "responses": resp, "ranking": [[0], [1], [2]], "rater": "ann"},
             {"prompt": prompts[0], "responses": resp, "ranking": [[1], [0], [2]], "rater": "ben"},
             {"prompt": prompts[1], "responses": resp, "ranking": [[2], [1], [0]], "rater": "ann"}]
-    metrics = reward.validate(model, val_set(rows), get_tokenizer("task").eot_token, CPU)
+    metrics = reward.evaluate(model, val_set(rows), get_tokenizer("task").eot_token, CPU)
     enc = get_tokenizer("task")
-    r = reward.score_sequences(model, [p + q for p, q in reward.encode_examples(
+    r = score_sequences(model, [p + q for p, q in encode_examples(
         enc, [{"prompt": prompts[0], "response": x} for x in resp], 64)], enc.eot_token, CPU).tolist()
     # agreed: 0 > 2 and 1 > 2, by both raters; split: 0 vs 1, once each way
     agree = [r[0] > r[2], r[1] > r[2]]
@@ -70,7 +55,7 @@ def test_validate_splits_accuracy_by_rater_agreement():
     assert metrics["val/accuracy_raters_disagree"] == pytest.approx(0.5)
     assert metrics["val/abs_margin_raters_disagree"] == pytest.approx(abs(r[0] - r[1]), abs=1e-5)
     # one rater per prompt: nothing to split by
-    metrics = reward.validate(model, val_set(rows[2:]), enc.eot_token, CPU)
+    metrics = reward.evaluate(model, val_set(rows[2:]), enc.eot_token, CPU)
     assert not any("raters" in k for k in metrics)
 
 
