@@ -14,6 +14,7 @@ import torch
 from model import GPT, GPTConfig, PretrainedError, position_ids_from_mask
 
 transformers = pytest.importorskip("transformers")
+from test_gpt2 import assert_close_on_tokens, edit_config, hf_logits  # noqa: E402  (the GPT-2 parity tests' helpers)
 
 BASE = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, rms_norm_eps=1e-5)  # 300 tokens: the embedding gets padding rows
@@ -68,21 +69,6 @@ def left_padded_batch(vocab=300):
     return ids, mask
 
 
-def hf_logits(model, ids, mask=None):
-    with torch.no_grad():
-        if mask is None:
-            return model(input_ids=ids).logits
-        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-
-
-def assert_close_on_tokens(a, b, mask):
-    """Outputs at real tokens agree to 1e-4 (a pad's output is nobody's business)."""
-    real = mask.bool()
-    diff = (a[real] - b[real]).abs().max().item()
-    assert diff <= 1e-4, f"max abs difference {diff}"
-    assert a[real].std() > 0.05  # the comparison has something to compare
-
-
 def load_hf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -100,8 +86,7 @@ def test_from_pretrained_matches_transformers(hf_dir):
     ids, mask = left_padded_batch()
     with torch.no_grad():
         assert_close_on_tokens(ours(ids, mask), hf_logits(hf, ids, mask), mask)
-        full = torch.ones_like(mask)
-        assert_close_on_tokens(ours(ids), hf_logits(hf, ids), full)  # no mask: flash's causal path
+        assert_close_on_tokens(ours(ids), hf(input_ids=ids).logits, torch.ones_like(mask))  # no mask: flash's causal path
 
 
 def test_save_pretrained_loads_in_transformers(hf_dir, tmp_path):
@@ -185,15 +170,6 @@ def test_sharded_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- refusals
-
-def edit_config(path, **changes):
-    file = os.path.join(path, "config.json")
-    with open(file) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(file, "w") as f:
-        json.dump(config, f)
-
 
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
