@@ -140,10 +140,11 @@ def rope_frequencies(config):
 def apply_rope(x, cos, sin):
     """x: (B, T, nh, hd); cos, sin: (B or 1, T, hd/2), for each token's position. Rotates the pairs
     (x_i, x_{i + hd/2}): the "rotate half" layout of the Hugging Face weights (GPT-NeoX's), not the
-    interleaved pairs of Meta's original code, whose q and k rows the converters permuted."""
+    interleaved pairs of Meta's original code, whose q and k rows the converters permuted.
+    Computed in the table's dtype (fp32 unless the whole model was cast), returned in x's."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -504,7 +505,7 @@ class GPT(nn.Module):
                 continue  # a tied lm_head is wte, and transformers ties it back; the score goes apart
             trunk[_hf_name(name, c)] = (w.t() if name.endswith(CONV1D_WEIGHTS) and c.arch == "gpt2" else w
                                         ).detach().float().cpu().contiguous()
-        if os.path.isdir(c.tokenizer):  # the tokenizer travels with the weights; from_pretrained finds it there
+        if c.tokenizer not in ("task", "gpt2") and os.path.isdir(c.tokenizer):  # the tokenizer travels with the weights
             for file in TOKENIZER_FILES:
                 src, dst = os.path.join(c.tokenizer, file), os.path.join(path, file)
                 if os.path.exists(src) and not (os.path.exists(dst) and os.path.samefile(src, dst)):
@@ -541,8 +542,9 @@ def _add_vocab_padding(module, state_dict, prefix, *args):
 class Sampler:
     """Sampling from a GPT without CPU overhead: gpt-fast's recipe, for left-padded batches.
 
-    - The weights in the compute dtype (bf16 on a GPU): a copy refreshed in place once per rollout
-      by load(), so autocast does not cast every weight again at every decode step.
+    - The weights in the compute dtype (bf16 on a GPU), LoRA adapters merged into them: a copy
+      refreshed in place once per rollout by load(), so autocast does not cast every weight again
+      at every decode step and no adapter costs a matmul of its own.
     - A static KV cache: the prompt goes through in one forward (prefill) that fills columns
       0..P-1; each decode step writes one column and attends to all L columns, the mask choosing
       the real ones. The mask, the positions and the column come from buffers on the device that
@@ -901,7 +903,8 @@ def _llama_hf_config(c, path):
         hf["use_sliding_window"] = False
     else:
         hf["attention_bias"] = c.qkv_bias
-    if os.path.isfile(os.path.join(c.tokenizer, "config.json")):  # the special ids of the directory it came from
+    if c.tokenizer not in ("task", "gpt2") and os.path.isfile(os.path.join(c.tokenizer, "config.json")):
+        # the special ids of the directory the model came from
         with open(os.path.join(c.tokenizer, "config.json")) as f:
             source = json.load(f)
         hf.update({k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in source})
