@@ -1,16 +1,22 @@
 """
-Tokenizers, all as `tiktoken.Encoding`, with `<|endoftext|>` as EOS:
+Tokenizers, all with the interface of `tiktoken.Encoding` that the stages use (encode, decode,
+eot_token, n_vocab, name):
 
 - "task": the built-in task's own byte-level BPE, trained here on the task's text in well
   under a second, so the default run needs nothing from the internet and has a small vocabulary
   (a few hundred tokens: a small embedding, a fast softmax on a CPU).
 - "gpt2": GPT-2's BPE (50,257 tokens), for models imported from GPT-2 checkpoints; offline, from
   the local file that $MINRLHF_GPT2_BPE names (see gpt2_tokenizer).
+- a directory holding a Hugging Face tokenizer.json (Llama, Qwen): read with the `tokenizers`
+  library, behind the same interface (HFTokenizer), its EOS the directory's own; render_chat
+  renders its chat template.
 """
 
 import collections
 import functools
+import json
 import os
+import re
 
 import regex
 import tiktoken
@@ -66,7 +72,9 @@ def get_tokenizer(name="task"):
                                  special_tokens={EOT: len(ranks)})
     if name == "gpt2":
         return gpt2_tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r} (known: task, gpt2)")
+    if os.path.isdir(name):
+        return HFTokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r} (known: task, gpt2, or a directory holding tokenizer.json)")
 
 
 GPT2_BPE_ENV = "MINRLHF_GPT2_BPE"  # path of a local r50k_base.tiktoken, for machines without internet
@@ -93,6 +101,150 @@ def gpt2_tokenizer():
     except Exception as e:  # no internet: requests' or urllib's errors, whichever tiktoken used
         raise DataError(f"GPT-2's tokenizer could not be downloaded ({type(e).__name__}); set {GPT2_BPE_ENV} "
                         f"to a local copy of r50k_base.tiktoken") from None
+
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (tokenizer.json, as Llama 3 and Qwen ship theirs), read
+    with the `tokenizers` library, behind the part of tiktoken.Encoding that the stages use.
+    eot_token is the directory's EOS: eos_token in tokenizer_config.json, else eos_token_id in
+    generation_config.json or config.json (the first, where it is a list); pad_token and bos_token
+    the same way (pad falls back to EOS; bos is None when the model has none). Nothing is added
+    to what encode returns (no BOS): a chat template writes its own."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+
+        from data.formats import DataError
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise DataError(f"{path}: no tokenizer.json, so not a Hugging Face tokenizer directory")
+        self.name = path
+        self.tokenizer = Tokenizer.from_file(file)
+        self.special_tokens = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        self.n_vocab = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.configs = [_read_json(path, f) for f in ("tokenizer_config.json", "generation_config.json", "config.json")]
+        self.eot_token = self._token_id("eos")
+        if self.eot_token is None:
+            raise DataError(f"{path}: names no EOS token (eos_token in tokenizer_config.json, or eos_token_id "
+                            f"in generation_config.json or config.json)")
+        pad = self._token_id("pad")
+        self.pad_token = self.eot_token if pad is None else pad
+        self.bos_token = self._token_id("bos")
+
+    def _token_id(self, kind):
+        tokenizer_config, *others = self.configs
+        token = tokenizer_config.get(kind + "_token")
+        if isinstance(token, dict):  # an AddedToken written out: {"content": ..., ...}
+            token = token.get("content")
+        if token is not None:
+            return self.tokenizer.token_to_id(token)
+        for config in others:
+            ids = config.get(kind + "_token_id")
+            if ids is not None:
+                return ids[0] if isinstance(ids, list) else ids
+        return None
+
+    def encode(self, text, *, allowed_special=(), disallowed_special="all"):
+        """As tiktoken: the text of a special token ("<|im_end|>") is read as that token only where
+        allowed_special="all"; disallowed_special=() reads it as plain text (user text is never an
+        EOS), and the default refuses it."""
+        allowed = allowed_special == "all"
+        assert allowed or not allowed_special, "allowed_special takes 'all' or nothing"
+        if not allowed:
+            for token in self.special_tokens if disallowed_special == "all" else disallowed_special:
+                if token in text:
+                    raise ValueError(f"text holds the special token {token!r}: pass allowed_special='all' to "
+                                     f"read it as one, or disallowed_special=() to read it as text")
+        self.tokenizer.encode_special_tokens = not allowed
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _read_json(path, file):
+    file = os.path.join(path, file)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=True):
+    """Text of a conversation in a model's chat format: the chat template of a tokenizer directory
+    (or HFTokenizer) rendered with jinja2 as transformers' apply_chat_template(messages,
+    tokenize=False, add_generation_prompt=...) renders it. messages: [{"role", "content"}].
+    The template comes from chat_template.jinja, else tokenizer_config.json's chat_template (its
+    "default" where there are several); the template sees bos_token, eos_token, ... as
+    tokenizer_config.json names them. Encode the result with allowed_special="all"."""
+    path = tokenizer.name if isinstance(tokenizer, HFTokenizer) else tokenizer
+    template, specials = _chat_template(path)
+    return _compile_chat_template(template).render(messages=messages, tools=None, documents=None,
+                                                   add_generation_prompt=add_generation_prompt, **specials)
+
+
+def _chat_template(path):
+    """(template source, special token strings) of a tokenizer directory."""
+    from data.formats import DataError
+    config = _read_json(path, "tokenizer_config.json")
+    specials = {}
+    for name in SPECIAL_NAMES:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None:
+            specials[name] = token
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several, by name: [{"name", "template"}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(file):  # as in transformers, the file wins over tokenizer_config.json
+        with open(file, encoding="utf-8") as f:
+            template = f.read()
+    if not template:
+        raise DataError(f"{path}: has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)")
+    return template, specials
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_chat_template(template):
+    """The Jinja environment transformers renders chat templates in: sandboxed (templates come from
+    the Hub), blocks trimmed, loop controls, its tojson (no HTML escaping), raise_exception and
+    strftime_now. Its {% generation %} tag (assistant-token masks) is not provided."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def hh_messages(dialogue):
+    """An HH-RLHF dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...", several turns maybe) as chat
+    messages [{"role": "user" | "assistant", "content"}], each content stripped. A prompt ends
+    with an empty "\\n\\nAssistant:" turn, which is left out: render_chat(..., add_generation_prompt=True)
+    writes the assistant's header in its place."""
+    parts = re.split(r"\n\n(Human|Assistant):", dialogue)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not an HH-RLHF dialogue: it does not start with '\\n\\nHuman:'")
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[1::2], parts[2::2])]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
 
 
 def encode_examples(enc, examples, max_len, stats=None):

@@ -12,11 +12,17 @@ from model import GPT, GPTConfig, Sampler, sample_token
 EOS = 3  # any id works as EOS for a random model; 3 is common enough to be sampled sometimes
 
 
-def tiny_gpt(seed=0, head="lm", **kw):
+def tiny_gpt(seed=0, head="lm", arch="gpt2", **kw):
+    """A small random model; arch="llama" with GQA (2 query heads on 1 key/value head) and an untied head."""
     torch.manual_seed(seed)
+    if arch == "llama":
+        kw = dict(arch="llama", n_kv_head=1, tie_embeddings=False, **kw)
     config = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32, head=head,
                        tokenizer="task", **kw)
     return GPT(config).eval()
+
+
+ARCHS = pytest.mark.parametrize("arch", ["gpt2", "llama"])
 
 
 def left_pad(prompts, pad_id=0):
@@ -34,8 +40,9 @@ PROMPTS = [[5, 9, 11, 2, 7, 30], [4, 4], [17, 1, 40, 22], [8]]  # 0, 4, 2 and 5 
 
 # ----------------------------------------------------------------------------- generation
 
-def test_kv_cache_equals_naive_generation_left_padded():
-    model = tiny_gpt()
+@ARCHS
+def test_kv_cache_equals_naive_generation_left_padded(arch):
+    model = tiny_gpt(arch=arch)
     ids, mask = left_pad(PROMPTS)
     cached = model.generate(ids, mask, 20, temperature=0, use_cache=True)
     naive = model.generate(ids, mask, 20, temperature=0, use_cache=False)
@@ -43,8 +50,9 @@ def test_kv_cache_equals_naive_generation_left_padded():
     assert torch.equal(cached, naive)
 
 
-def test_kv_cache_equals_naive_with_eos():
-    model = tiny_gpt()
+@ARCHS
+def test_kv_cache_equals_naive_with_eos(arch):
+    model = tiny_gpt(arch=arch)
     ids, mask = left_pad(PROMPTS)
     free = model.generate(ids, mask, 20, temperature=0)
     # make the EOS a token that greedy decoding actually produces, mid-way through some row
@@ -98,8 +106,9 @@ def test_causal_mask_later_token_never_changes_earlier_logits():
         assert not torch.allclose(out[:, t], base[:, t])  # the changed token itself matters
 
 
-def test_pad_token_never_changes_real_logits():
-    model = tiny_gpt()
+@ARCHS
+def test_pad_token_never_changes_real_logits(arch):
+    model = tiny_gpt(arch=arch)
     torch.manual_seed(2)
     idx = torch.randint(0, 50, (3, 12))
     mask = torch.ones_like(idx)
@@ -124,7 +133,7 @@ def test_scalar_head_shape():
     idx = torch.randint(0, 50, (3, 7))
     out = model(idx, torch.ones_like(idx))
     assert out.shape == (3, 7)
-    assert model(idx, return_hidden=True).shape == (3, 7, 32)
+    assert model.hidden_states(idx).shape == (3, 7, 32)
 
 
 def test_load_model_scalar_head_keeps_trunk(tmp_path):
@@ -142,7 +151,7 @@ def test_load_model_scalar_head_keeps_trunk(tmp_path):
     for k in trunk:
         assert torch.equal(lm_state[k], rm_state[k]), k
     idx = torch.randint(0, 50, (2, 6))
-    torch.testing.assert_close(rm(idx, return_hidden=True), lm(idx, return_hidden=True))
+    torch.testing.assert_close(rm.hidden_states(idx), lm.hidden_states(idx))
     # the lm round trip gives the identical model
     again = common.load_model(path, kind="policy")
     torch.testing.assert_close(again(idx), lm(idx), rtol=0, atol=0)
@@ -229,10 +238,11 @@ def test_save_is_atomic(tmp_path):
 
 # ----------------------------------------------------------------------------- the Sampler (static cache, decode step)
 
-def test_sampler_reused_across_prompt_widths_equals_naive():
+@ARCHS
+def test_sampler_reused_across_prompt_widths_equals_naive(arch):
     # as in PPO: one Sampler, rollouts of new prompt widths (so new cache lengths, and a buffer
     # that grows), left padding and EOS; every rollout must equal the naive loop
-    model = tiny_gpt()
+    model = tiny_gpt(arch=arch)
     sampler = Sampler(model, cuda_graph=False)
     g = torch.Generator().manual_seed(3)
     for width, n_new in ((3, 20), (9, 12), (40, 20), (2, 5)):
@@ -246,9 +256,10 @@ def test_sampler_reused_across_prompt_widths_equals_naive():
         assert torch.equal(sampler.generate(ids, mask, n_new, temperature=0), free), width
 
 
-def test_sampler_copy_in_another_dtype_follows_load():
+@ARCHS
+def test_sampler_copy_in_another_dtype_follows_load(arch):
     # the rollout copy (bf16 on a GPU) is refreshed in place by load(), as PPO does once per rollout
-    model = tiny_gpt()
+    model = tiny_gpt(arch=arch)
     sampler = Sampler(model, dtype=torch.float64, cuda_graph=False)
     assert sampler.model is not model and sampler.model.transformer.wte.weight.dtype == torch.float64
     ids, mask = left_pad(PROMPTS)
@@ -274,11 +285,13 @@ def test_sample_token_draws_in_proportion():
 
 # ----------------------------------------------------------------------------- vocabulary padding, heads
 
-def test_vocab_padding_is_never_seen():
-    model = tiny_gpt()  # vocab_size 50: 128 embedding rows
+@ARCHS
+def test_vocab_padding_is_never_seen(arch):
+    model = tiny_gpt(arch=arch)  # vocab_size 50: 128 embedding rows
     assert model.transformer.wte.weight.shape[0] == 128 and model.config.padded_vocab == 128
     with torch.no_grad():
         model.transformer.wte.weight[50:] = 5.0  # padding rows that would win every softmax
+        model.lm_head.weight[50:] = 5.0  # the same rows where the head is tied, its own where not
     idx = torch.randint(0, 50, (2, 9))
     logits = model(idx)
     assert logits.shape == (2, 9, 50)
@@ -286,10 +299,12 @@ def test_vocab_padding_is_never_seen():
     total = torch.stack([model(idx, targets=t).exp() for t in targets]).sum(0)
     torch.testing.assert_close(total, torch.ones(2, 9))  # all the mass is on real tokens
     assert int(model.generate(idx, torch.ones_like(idx), 30, temperature=1.0, use_cache=False).max()) < 50
-    assert model.state_dict()["transformer.wte.weight"].shape[0] == 50  # checkpoints hold real rows only
+    state = model.state_dict()
+    assert state["transformer.wte.weight"].shape[0] == state["lm_head.weight"].shape[0] == 50  # checkpoints hold real rows only
     again = GPT(model.config)
-    again.load_state_dict(model.state_dict())
-    assert again.transformer.wte.weight.shape[0] == 128 and (again.transformer.wte.weight[50:] == 0).all()
+    again.load_state_dict(state)
+    for w in (again.transformer.wte.weight, again.lm_head.weight):
+        assert w.shape[0] == 128 and (w[50:] == 0).all()
     torch.testing.assert_close(again(idx), logits)
 
 
@@ -320,15 +335,16 @@ def test_no_mask_equals_mask_for_right_padding():
     torch.testing.assert_close(model(idx)[real], model(idx, mask)[real], rtol=0, atol=1e-6)
 
 
+@ARCHS
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_fused_lm_head_equals_logits_then_logprobs(monkeypatch, kernels):
+def test_fused_lm_head_equals_logits_then_logprobs(monkeypatch, kernels, arch):
     # the model's two ways to log-probs of targets: straight from the hidden states
     # (kernels.linear_logprobs) and through the logits (kernels.token_logprobs); with triton,
     # the Triton kernels themselves (the interpreter on CPU), padded vocabulary included
     if kernels == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("MINRLHF_KERNELS", kernels)
-    model = tiny_gpt()
+    model = tiny_gpt(arch=arch)  # llama: the untied head
     ids, mask = left_pad(PROMPTS)
     targets = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(0))
     out = {}
@@ -337,7 +353,8 @@ def test_fused_lm_head_equals_logits_then_logprobs(monkeypatch, kernels):
         model.zero_grad()
         logprobs, entropy = model(ids, mask, start=3, targets=targets, temperature=0.7, return_entropy=True)
         (logprobs.sum() + 0.5 * entropy.sum()).backward()
-        out[fused] = (logprobs, entropy, model.transformer.wte.weight.grad.clone(), model.transformer.h[0].attn.c_attn.weight.grad.clone())
+        first_projection = next(model.transformer.h[0].attn.parameters())  # c_attn or q_proj
+        out[fused] = (logprobs, entropy, model.lm_head.weight.grad.clone(), first_projection.grad.clone())
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (out[True][2][50:] == 0).all()  # the padding rows get no gradient
