@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora, has_lora, lora_state_dict, merge_lora
 
 
 # ----------------------------------------------------------------------------- config
@@ -71,6 +71,9 @@ class RunConfig:
     skip_bad_lines: bool = False  # skip malformed data lines (counted) instead of stopping
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = ""  # cuda / cpu / cuda:1; default: cuda if available
+    lora_rank: int = 0  # train LoRA adapters of this rank (Hu et al. 2021) instead of every weight; 0: full fine-tuning
+    lora_alpha: float = 0.0  # LoRA: the update is scaled by alpha / rank (0: alpha = rank)
+    lora_targets: str = ""  # LoRA: comma-separated projections to adapt (default: the attention's, e.g. q_proj,k_proj,v_proj,o_proj)
 
 
 def check(condition, message):
@@ -210,6 +213,12 @@ def save_checkpoint(path, model, *, kind, config, step, optimizer=None, **extra)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+    if has_lora(model):  # the adapters alone too, small enough to keep many (model.lora_state_dict)
+        assert path.endswith(".pt"), path
+        from safetensors.torch import save_file
+        adapters = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+        save_file(adapters, tmp, metadata={"rank": str(model.config.lora_rank), "alpha": str(model.config.lora_alpha)})
+        os.replace(tmp, path[:-len(".pt")] + ".adapters.safetensors")  # OUT/ckpt.adapters.safetensors
 
 
 KIND_FLAGS = {"policy": "--init (an SFT, DPO or PPO ckpt.pt, or a Hugging Face directory)",
@@ -245,6 +254,7 @@ def load_checkpoint(path, kind=None, flag=None):
 def load_model(path, kind=None, head=None, device="cpu", flag=None):
     """A GPT from a checkpoint; head='scalar' or 'lm' rebuilds the trunk with that head (the
     reward model starts from the SFT policy; the value model from the reward model).
+    A LoRA stage's checkpoint comes back merged (its adapters folded into the weights).
     path may also be a Hugging Face directory (config.json + weights): it counts as a policy,
     and as a reward model only when GPT.save_pretrained wrote a score head beside it."""
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -269,14 +279,38 @@ def load_model(path, kind=None, head=None, device="cpu", flag=None):
     model = GPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("score.") for k in missing), (missing, unexpected)
+    if has_lora(model):  # a LoRA stage's checkpoint: its adapters folded in, so the next stage starts from a plain model
+        merge_lora(model).requires_grad_(True)
     return model.to(device)
+
+
+def apply_lora(cfg, model):
+    """--lora_rank r: LoRA adapters on the model's projections and everything else frozen, but a
+    reward or value model's scalar head, which trains too. Without it, the model as it is."""
+    if cfg.lora_rank:
+        try:
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha or None, [t for t in cfg.lora_targets.split(",") if t] or None)
+        except ValueError as e:
+            raise ConfigError(f"--lora_targets {cfg.lora_targets}: {e}") from None
+        if model.score is not None:
+            model.score.requires_grad_(True)
+    return model
+
+
+def same_tokenizer(a, b):
+    """Two checkpoints' tokenizer records name the same tokenizer: the same name, or two
+    directories with the same tokenizer.json (a model saved elsewhere keeps its tokenizer)."""
+    if a == b:
+        return True
+    files = [os.path.join(x, "tokenizer.json") for x in (a, b)]
+    return all(os.path.isfile(f) for f in files) and open(files[0], "rb").read() == open(files[1], "rb").read()
 
 
 def check_tokenizers(models):
     """{flag or path: model}: every model must read text with the same tokenizer."""
     (first, m0), *rest = models.items()
     for name, m in rest:
-        if m.config.tokenizer != m0.config.tokenizer:
+        if not same_tokenizer(m.config.tokenizer, m0.config.tokenizer):
             raise CheckpointError(f"{name}: uses tokenizer {m.config.tokenizer!r} but {first} uses "
                                   f"{m0.config.tokenizer!r}; give models trained with the same tokenizer")
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import Batches, Run, RunConfig, all_reduce_mean, check, check_out, check_positive, check_tokenizers, cleanup, \
+from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, check_tokenizers, cleanup, \
     compute_dtype, done_line, load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, \
     token_batches
 from data import task
 from data.formats import load_rankings
 from data.tokenizer import get_tokenizer, ranking_data
 from losses import best_nll, dpo_loss
-from model import Sampler
+from model import Reference, Sampler
 from rollout import encode_prompts, exact_kl, generate, sequence_logprobs, task_rankings
 
 
@@ -82,9 +82,12 @@ def main():
     check_out(cfg)
 
     # ---- models: the policy, and the frozen reference (--init unless --ref names another)
-    model = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
+    model = apply_lora(cfg, load_model(cfg.init, kind="policy", device=d.device, flag="--init"))
     model.fused_lm_head = cfg.fused_lm_head
-    ref = load_model(cfg.ref or cfg.init, kind="policy", device=d.device, flag="--ref").eval().requires_grad_(False)
+    if cfg.lora_rank and cfg.ref in ("", cfg.init):  # the policy's base weights, adapters off: no second copy
+        ref = Reference(model)
+    else:
+        ref = load_model(cfg.ref or cfg.init, kind="policy", device=d.device, flag="--ref").eval().requires_grad_(False)
     check_tokenizers({cfg.init: model, cfg.ref or cfg.init: ref})
     enc = get_tokenizer(model.config.tokenizer)
     eot, block = enc.eot_token, model.config.block_size

@@ -737,6 +737,25 @@ def lora_disabled(model):
             layer.lora_enabled = True
 
 
+class Reference:
+    """A LoRA model's base weights as a frozen model of their own: calling it runs the model with
+    its adapters off. PPO's and DPO's reference, when it is the policy's starting point, is this:
+    no second copy of the weights is held."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def __call__(self, *args, **kwargs):
+        with lora_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        return self  # the policy's mode is its trainer's; dropout is 0 in RLHF anyway
+
+
 @torch.no_grad()
 def merge_lora(model):
     """Fold each adapter into its weight, W + (alpha / r) B A, and remove the adapters, in place:

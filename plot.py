@@ -31,7 +31,7 @@ PANELS = [
     ("rm_margin", "reward", "reward model margin (val)", ["val/margin"]),
     ("rm_score", "ppo", "PPO reward-model score", ["objective/rm_score", "eval/rm_score"]),
     ("gold", "ppo", "PPO gold score", ["gold", "eval/gold"]),
-    ("kl", "ppo", "PPO KL to the reference", ["objective/kl_k1", "objective/kl_k2", "objective/kl_k3", "objective/kl_exact", "eval/kl_exact"]),
+    ("kl", "ppo", "PPO KL to the reference", ["objective/kl_exact", "eval/kl_exact"]),
     ("entropy", "ppo", "PPO entropy", ["objective/entropy"]),
     ("clipfrac", "ppo", "PPO clip fraction", ["ppo/clipfrac"]),
     ("resp_len", "ppo", "PPO response length", ["rollout/resp_len", "eval/resp_len"]),

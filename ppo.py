@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import Batches, ConfigError, Run, RunConfig, all_reduce_mean, check, check_out, check_positive, \
+from common import Batches, ConfigError, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, \
     check_tokenizers, cleanup, compute_dtype, done_line, keep_rows, load_model, make_optimizer, parse_config, print0, \
     run_main, save_checkpoint, setup
 from data import task
@@ -64,7 +64,7 @@ from data.tokenizer import get_tokenizer
 from judges import judge_fn
 from kernels import ppo_advantages
 from losses import aggregate, group_advantages, kl_penalty, masked_mean, masked_whiten, policy_loss, value_loss
-from model import Sampler
+from model import Reference, Sampler
 from rollout import encode_prompts, exact_kl, generate, response_logprobs, response_values
 from scoring import load_ensemble, member_scores, rollout_score
 
@@ -155,20 +155,28 @@ def load_models(cfg, d):
     new head when a judge alone scores. The frozen ones are kept in bf16 on a GPU (fp32 on CPU):
     autocast would cast them at every forward."""
     frozen = compute_dtype(d.device)
-    policy = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
-    ref = load_model(cfg.ref or cfg.init, kind="policy", device=d.device, flag="--ref").to(frozen).eval().requires_grad_(False)
+    policy = apply_lora(cfg, load_model(cfg.init, kind="policy", device=d.device, flag="--init"))
+    if cfg.lora_rank and cfg.ref in ("", cfg.init):  # the policy's base weights, adapters off: no second copy
+        ref = Reference(policy)
+    else:
+        ref = load_model(cfg.ref or cfg.init, kind="policy", device=d.device, flag="--ref").to(frozen).eval().requires_grad_(False)
     reward_models = load_ensemble(cfg.reward, d.device, frozen) if cfg.reward else []
     reward_fn = judge_fn(cfg.reward_fn) if cfg.reward_fn else None
     judge = judge_fn(cfg.judge) if cfg.judge else None
     value = None
     if cfg.advantage == "gae":
-        value = (load_model(cfg.reward, kind="reward", device=d.device, flag="--reward") if reward_models else
-                 load_model(cfg.init, kind="policy", head="scalar", device=d.device, flag="--init"))
+        value = apply_lora(cfg, load_model(cfg.reward, kind="reward", device=d.device, flag="--reward") if reward_models else
+                           load_model(cfg.init, kind="policy", head="scalar", device=d.device, flag="--init"))
     check_tokenizers({cfg.init: policy, cfg.ref or cfg.init: ref, **({cfg.reward: reward_models[0]} if reward_models else {})})
     # No dropout anywhere (N+ details): the rollout's log-probs and the first training forward agree.
     assert policy.config.dropout == 0 and (value is None or value.config.dropout == 0), "RL here needs dropout 0"
     policy.fused_lm_head = ref.fused_lm_head = cfg.fused_lm_head
-    ref_sampler = Sampler(ref, cuda_graph=cfg.cuda_graph) if cfg.spread_vs_ref and len(reward_models) > 1 else None
+    ref_sampler = None
+    if cfg.spread_vs_ref and len(reward_models) > 1:
+        if isinstance(ref, Reference):
+            raise ConfigError("--spread_vs_ref true samples from the reference, which with --lora_rank is the policy's own "
+                              "base weights inside the policy; use --spread_vs_ref false with --lora_rank")
+        ref_sampler = Sampler(ref, cuda_graph=cfg.cuda_graph)
     return Models(policy, ref, value, reward_models, reward_fn, judge,
                   Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph), ref_sampler)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import Batches, CheckpointError, Run, RunConfig, all_reduce_mean, check, check_out, \
+from common import Batches, CheckpointError, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, \
     check_positive, cleanup, done_line, load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, \
     run_main, setup
 from data import task
@@ -87,7 +87,7 @@ def main():
 
     # ---- model: the SFT trunk with a new scalar head (member 0's; each member draws its own head)
     torch.manual_seed(cfg.seed)
-    first = load_model(trunks[0], kind=("policy", "reward"), head="scalar", device=d.device, flag="--init")
+    first = apply_lora(cfg, load_model(trunks[0], kind=("policy", "reward"), head="scalar", device=d.device, flag="--init"))
     enc = get_tokenizer(first.config.tokenizer)
     block = first.config.block_size
 
@@ -135,7 +135,7 @@ def new_member(cfg, k, trunks, tokenizer, device):
     """Ensemble member k's starting point: its SFT trunk with a new scalar head, drawn from its seed."""
     trunk = trunks[k] if len(trunks) > 1 else trunks[0]
     torch.manual_seed(cfg.seed + k)
-    model = load_model(trunk, kind=("policy", "reward"), head="scalar", device=device, flag="--init")
+    model = apply_lora(cfg, load_model(trunk, kind=("policy", "reward"), head="scalar", device=device, flag="--init"))
     if model.config.tokenizer != tokenizer:
         raise CheckpointError(f"{trunk}: uses tokenizer {model.config.tokenizer!r}, but {trunks[0]} uses {tokenizer!r}")
     return model

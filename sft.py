@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import Batches, Run, RunConfig, all_reduce_mean, check, check_out, check_positive, cleanup, done_line, \
+from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, cleanup, done_line, \
     load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, token_batches
 from data import task
 from data.formats import DataError, load_demonstrations
@@ -34,9 +34,11 @@ class Config(RunConfig):
     val_data: str = ""  # held-out demonstrations; default: the task's val split, or 5% of --data
     init: str = ""  # checkpoint to start from; empty: a new model of the size below
     out: str = "out/sft"  # output directory: ckpt.pt, metrics.jsonl
-    tokenizer: str = "task"  # for a new model: "task" or "gpt2"
+    tokenizer: str = "task"  # for a new model: "task", "gpt2", or a directory with a Hugging Face tokenizer.json
+    arch: str = "gpt2"  # new model: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)
     n_layer: int = 4  # new model: transformer blocks
     n_head: int = 4  # new model: attention heads
+    n_kv_head: int = 0  # new llama model: key/value heads, grouped-query attention (0: n_head)
     n_embd: int = 128  # new model: width
     block_size: int = 64  # new model: longest prompt + response in tokens
     n_demos: int = 6000  # built-in task: how many demonstrations to learn from
@@ -53,6 +55,9 @@ class Config(RunConfig):
     def check(self):
         check_positive(self, "batch_size", "max_steps", "eval_every", "n_layer", "n_head", "n_embd", "block_size", "n_demos")
         check(self.n_embd % self.n_head == 0, f"--n_embd {self.n_embd} must be a multiple of --n_head {self.n_head}")
+        check(self.arch in ("gpt2", "llama"), f"--arch {self.arch}: expected gpt2 or llama")
+        check(self.n_kv_head == 0 or (self.arch == "llama" and self.n_head % self.n_kv_head == 0),
+              f"--n_kv_head {self.n_kv_head}: a llama model's --n_head {self.n_head} must be a multiple of it")
 
 
 def nll_sum(model, examples, eot, device):
@@ -74,11 +79,15 @@ def main():
         model = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
     else:
         enc = get_tokenizer(cfg.tokenizer)
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer)).to(d.device)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer, arch=cfg.arch,
+                              n_kv_head=cfg.n_kv_head or None)).to(d.device)
+    apply_lora(cfg, model)
     model.fused_lm_head = cfg.fused_lm_head
     enc = get_tokenizer(model.config.tokenizer)
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")
+    print0(f"model: {model.config.arch}, {model.num_params() / 1e6:.2f}M parameters"
+           f"{f' ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M in LoRA adapters)' if cfg.lora_rank else ''}, "
+           f"tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")
 
     # ---- data: (prompt_ids, response_ids) pairs
     train, val, stats = load_data(cfg, enc, model.config.block_size)

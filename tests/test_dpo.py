@@ -48,7 +48,7 @@ def test_dpo_starts_at_the_reference_and_moves_away(tiny_ckpts, rankings, tmp_pa
     run("eval.py", "--init", tmp_path / "dpo" / "ckpt.pt", "--compare", tiny_ckpts / "policy.pt",
         "--ref", tiny_ckpts / "policy.pt", "--n", 8, "--max_new_tokens", 8, "--demos", "", "--out", tmp_path / "eval.json")
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["models"][str(tmp_path / "dpo" / "ckpt.pt")]["kl"] > 0 and 0 <= ev["win_rate"] <= 1
+    assert ev["models"][str(tmp_path / "dpo" / "ckpt.pt")]["kl_exact"] > 0 and 0 <= ev["win_rate"] <= 1
 
 
 def test_dpo_same_loss_on_one_and_two_processes(tiny_ckpts, rankings, tmp_path):

@@ -153,7 +153,7 @@ def test_load_model_from_gpt2_directory(hf_dir):
     assert load_model(hf_dir, kind="policy").config.head == "lm"
     fresh = load_model(hf_dir, kind=("policy", "reward"), head="scalar")  # reward.py starts here
     assert fresh.config.head == "scalar" and fresh.score is not None
-    with pytest.raises(CheckpointError, match="without a score.safetensors head, expected reward"):
+    with pytest.raises(CheckpointError, match="without a score.safetensors head, so a language model, but this takes a reward model"):
         load_model(hf_dir, kind="reward")
 
 
@@ -274,5 +274,5 @@ def test_ppo_refuses_reward_model_of_another_tokenizer(tmp_path, hf_dir):
                              "--data", prompts, "--out", str(tmp_path / "ppo")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "reward model uses tokenizer 'task' but the policy" in result.stderr
+    assert "rm: uses tokenizer 'task' but" in result.stderr and "uses 'gpt2'" in result.stderr
     assert "Traceback" not in result.stderr

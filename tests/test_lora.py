@@ -95,9 +95,14 @@ def test_checkpoint_rebuilds_adapters(arch, tmp_path):
     ids, mask = batch()
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, model, kind="policy", config=Config(), step=0)
-    again = common.load_model(path, kind="policy").eval()  # GPT(config) adds the recorded adapters
+    ckpt = common.load_checkpoint(path, kind="policy")
+    again = GPT(GPTConfig(**ckpt["model_config"]))  # GPT(config) adds the recorded adapters
+    again.load_state_dict(ckpt["model"])
     assert again.config.lora_rank == 4 and again.config.lora_targets == model.config.lora_targets
-    assert torch.equal(again(ids, mask), model(ids, mask))
+    assert torch.equal(again.eval()(ids, mask), model(ids, mask))
+    merged = common.load_model(path, kind="policy").eval()  # what the next stage starts from: adapters folded in
+    assert merged.config.lora_rank == 0 and not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(ids, mask), model(ids, mask), rtol=0, atol=1e-5)
     adapters = lora_state_dict(model)
     assert adapters and all(k.endswith(("lora_A", "lora_B")) for k in adapters)
     fresh = tiny(arch)  # the same base, new adapters, then the saved ones loaded into them

@@ -38,7 +38,7 @@ def ppo_rows(scale=1.0, gold=True):
     for u in range(0, 11):
         if u > 0:
             rows.append({"step": u, "time": u, "objective/score": scale * u, "objective/rm_score": scale * u,
-                         "objective/kl_k1": scale * u * u, "objective/rlhf_reward": u, "objective/entropy": 1 / (u + scale),
+                         "objective/kl_exact": scale * u * u, "objective/rlhf_reward": u, "objective/entropy": 1 / (u + scale),
                          "ppo/clipfrac": 0.05 * scale, "ppo/approx_kl": 0.01, "rollout/resp_len": 10 + u,
                          "rollout/eos_rate": 1.0, "kl_coef": 0.05, "tok/s": 100, **({"gold": 1 - scale * u} if gold else {})})
         if u % 5 == 0:
