@@ -18,30 +18,36 @@ compiler does.
 
 import torch
 
-from kernels._common import (autotune, rows_and_grad, rest_columns, row_args, row_blocks,
-                             row_start, rows_view, tl, triton, use_triton)
+from kernels._common import (launch_config, rest_columns, row_args, row_blocks, row_config,
+                             row_start, rows_and_grad, rows_view, tl, triton, use_triton)
 from kernels.logprobs import CONFIGS
 
-INTERPRET_BLOCK_V = 4096  # the interpreter's block: min(this, next power of two >= V)
+# Blocks as in logprobs.py: a GPU's, and the interpreter's, at most this wide
+BLOCK_V = 4096
+INTERPRET_BLOCK_V = 4096
+# not specialised on, as in logprobs.py: they change with the batch
+ROW_ARGS = ["offset", "stride_b", "stride_t", "ref_offset", "ref_stride_b", "ref_stride_t", "T",
+            "V", "kl_ptr", "max_ptr", "log_sum_ptr", "ref_max_ptr", "ref_log_sum_ptr"]
 
 
-def _interpret_block(args):
-    return min(INTERPRET_BLOCK_V, max(16, triton.next_power_of_2(args["V"])))
+def _gpu_config(args):
+    return row_config(args["V"], BLOCK_V)
+
+
+def _interpret_config(args):
+    return row_config(args["V"], INTERPRET_BLOCK_V)
 
 
 @triton.jit
-def _aligned_block(logits_ptr, ref_ptr, start, ref_start, col0, ALIGN: tl.constexpr,
-                   REF_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
-    # A whole block of both rows from column col0, unmasked, which starts 16-byte aligned in the
-    # policy's row (row_blocks) and, when REF_ALIGNED, in the reference's: its offsets in the
-    # policy's base (where the gradient goes too), z and y.
-    block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+def _ref_block(ref_ptr, ref_start, col0, ALIGN: tl.constexpr, REF_ALIGNED: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    # The reference's logits (fp32) in the whole block that starts at column col0, where the
+    # policy's row is 16-byte aligned (row_blocks); the reference's too when REF_ALIGNED, and then
+    # they load as wide.
     ref_block = ref_start + col0
     if REF_ALIGNED:
         ref_block = tl.multiple_of(ref_block, ALIGN)
-    z = tl.load(logits_ptr + block).to(tl.float32)
-    y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
-    return block, z, y
+    return tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
 
 
 @triton.jit
@@ -63,8 +69,8 @@ def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     return m_new, ref_m_new, s, ref_s, u
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS)
 def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
                 offset, stride_b, stride_t, ref_offset, ref_stride_b, ref_stride_t, T, V,
                 inv_temperature, ALIGN: tl.constexpr, REF_ALIGNED: tl.constexpr,
@@ -82,10 +88,12 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
-        _, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V, ALIGN,
-                                 REF_ALIGNED, BLOCK_V)
-        m, ref_m, s, ref_s, u = _fwd_update(z, y, tl.full((BLOCK_V,), True, tl.int1), m, ref_m,
-                                            s, ref_s, u, inv_temperature)
+        col0 = head + i * BLOCK_V
+        z = tl.load(logits_ptr + tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V))
+        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
+        m, ref_m, s, ref_s, u = _fwd_update(z.to(tl.float32), y,
+                                            tl.full((BLOCK_V,), True, tl.int1), m, ref_m, s,
+                                            ref_s, u, inv_temperature)
     for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
         cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
         z = tl.load(logits_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -108,8 +116,8 @@ def _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature):
     return grad_kl * p * tl.where(p > 0, log_ratio - kl, 0.0) * inv_temperature
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS + ["grad_kl_ptr"])
 def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
                 grad_kl_ptr, grad_logits_ptr, offset, stride_b, stride_t, ref_offset,
                 ref_stride_b, ref_stride_t, T, V, inv_temperature, ALIGN: tl.constexpr,
@@ -128,8 +136,10 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     out_ty = grad_logits_ptr.dtype.element_ty
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
-        block, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V,
-                                     ALIGN, REF_ALIGNED, BLOCK_V)
+        col0 = head + i * BLOCK_V
+        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+        z = tl.load(logits_ptr + block).to(tl.float32)
+        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
         grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
         tl.store(grad_logits_ptr + block, grad.to(out_ty))
     for r in range(0, V - n_full * BLOCK_V, BLOCK_V):

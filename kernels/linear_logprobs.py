@@ -3,6 +3,7 @@
 of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in fp32, and
 `token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
 
+
 Math as in logprobs.py, with z = hidden @ weight.T in fp32 and everything relative to the row max m
 in the logits' own units, scaled by 1/T after (logprobs.py says why):
     logprob = (z_target - m) / T - log s,  s = sum_v exp((z_v - m) / T)
@@ -53,28 +54,36 @@ relatively); here it follows PyTorch's own setting for fp32 matmuls, so the kern
 F.linear would: IEEE fp32 under torch's default "highest", TF32 when the user allowed it
 (torch.set_float32_matmul_precision("high")). Under torch.autocast, as in the PPO loop, hidden
 (LayerNorm output, fp32) and the fp32 weight are first cast to the autocast dtype, as F.linear
-would, and their gradients flow back through the casts to fp32. The backward's recomputed logits
-equal the forward's up to fp32 rounding where autotuning picks different tile shapes for the two,
-so p there carries a relative error of a few ulps of |z| / T: nothing at real logits.
+would, and their gradients flow back through the casts to fp32. The backward recomputes the
+forward's logits with the same tiles (with MINRLHF_AUTOTUNE=1 the two may pick different ones:
+then they agree up to fp32 rounding, a relative error in p of a few ulps of |z| / T).
 """
 
 import torch
 import torch.nn.functional as F
 
-from kernels._common import INTERPRET, autotune, tl, triton, use_triton
+from kernels._common import INTERPRET, launch_config, tl, triton, use_triton
 from kernels.logprobs import token_logprobs_ref
 
 SCRATCH_BYTES = 32 * 2**20  # the backward's chunk of d loss / d logits
 CHUNK_MULTIPLE = 256  # chunk widths are a multiple of every tile width
 PROGRAMS_PER_SM = 2  # the forward splits the vocabulary until there are this many programs per SM
 
-# A GPU times these per shape; BLOCK_K is the same everywhere, so that the forward and the
-# backward add up the H products of a logit in the same order.
-_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3))
+# What MINRLHF_AUTOTUNE=1 times per (H, V) (and dtype); BLOCK_K is the same everywhere, so that
+# the forward and the backward add up the H products of a logit in the same order.
+_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3),
+          (64, 64, 4, 2))
 FWD_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": 64}, num_warps=warps,
                              num_stages=stages) for n, v, warps, stages in _TILES]
 GRAD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": 64}, num_warps=warps,
                               num_stages=stages) for m, h, warps, stages in _TILES]
+# What a GPU runs otherwise, whatever the shape, by the inputs' element size: 128 x 128 tiles for
+# 16-bit inputs (96 KiB of shared memory over 3 stages), 64 x 64 for fp32 ones (64 KiB over 2;
+# 128 x 256 in fp32 would need 288 KiB, more than any GPU has). Not tuned: defaults.
+TILES = {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_M=128, BLOCK_H=128, BLOCK_K=64, num_warps=8,
+                 num_stages=3),
+         4: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64, num_warps=4,
+                 num_stages=2)}
 # The interpreter's tiles: small, so that the tests' small shapes still span several of them.
 INTERPRET_TILES = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}
 
@@ -83,8 +92,12 @@ INTERPRET_TILES = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_M": 16, "BLOCK_H": 16, "
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
-def _interpret(*names):
-    return {name: (lambda args, name=name: INTERPRET_TILES[name]) for name in names}
+def _gpu_tiles(args):
+    return TILES[args["h_ptr"].element_size()]
+
+
+def _interpret_tiles(args):
+    return INTERPRET_TILES
 
 
 @triton.jit
@@ -111,8 +124,12 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_wv, PRECIS
     return z
 
 
-@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
-@triton.jit
+# N, the batch's number of rows, and the addresses of per-row values are not specialised on
+# (an int divisible by 16 or equal to 1, an address divisible by 16), so that a new batch does
+# not compile the kernels again; N only bounds masks across rows, which do not narrow the loads.
+# H and V are fixed through a run.
+@launch_config(FWD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles)
+@triton.jit(do_not_specialize=["N", "targets_ptr", "stats_ptr"])
 def _fwd_kernel(h_ptr, w_ptr, targets_ptr, stats_ptr, N, H, V, stride_hn, stride_wv,
                 inv_temperature, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -152,14 +169,15 @@ def _fwd_kernel(h_ptr, w_ptr, targets_ptr, stats_ptr, N, H, V, stride_hn, stride
     tl.store(out + 3 * splits * N, z_target, mask=in_rows)
 
 
-@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
-@triton.jit
+@launch_config(FWD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles)
+@triton.jit(do_not_specialize=["N", "targets_ptr", "max_ptr", "log_sum_ptr", "entropy_ptr",
+                               "grad_logprobs_ptr", "grad_entropy_ptr"])
 def _dlogits_kernel(h_ptr, w_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
                     grad_logprobs_ptr, grad_entropy_ptr, dlogits_ptr, N, H, V, v0, width,
                     stride_hn, stride_wv, stride_dn, inv_temperature, PRECISION: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (row block, column block of the chunk [v0, v0 + width)): recomputes its logits and
-    # writes d loss / d z into dlogits (N, >= width), in that buffer's dtype.
+    # writes d loss / d z into dlogits (N, >= width), in that buffer's dtype; 0 past V.
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     chunk_cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     cols = v0 + chunk_cols
@@ -183,15 +201,16 @@ def _dlogits_kernel(h_ptr, w_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr
              mask=in_rows[:, None] & (chunk_cols[None, :] < width))
 
 
-@autotune(GRAD_CONFIGS, key=["N", "H", "width"],
-          interpret=_interpret("BLOCK_M", "BLOCK_H", "BLOCK_K"), restore_value=["dh_acc_ptr"])
-@triton.jit
-def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v0, width,
-                  stride_hn, stride_wv, stride_dn, PRECISION: tl.constexpr, FIRST: tl.constexpr,
-                  LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+@launch_config(GRAD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles,
+               restore_value=["dh_acc_ptr"])
+@triton.jit(do_not_specialize=["N"])
+def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, V, v0, width,
+                  stride_hn, stride_wv, stride_dn, first, last, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     # The first cdiv(width, BLOCK_M) * cdiv(H, BLOCK_H) programs each write a tile of d weight for
-    # the chunk's rows; the others each add a tile of d hidden (see the module's docstring).
+    # the chunk's rows; the others each add a tile of d hidden (see the module's docstring). The
+    # chunk's columns past V hold zeros. first and last (the chunk's place) are runtime values,
+    # not constexprs: one compiled kernel for every chunk.
     pid = tl.program_id(0)
     h_tiles = tl.cdiv(H, BLOCK_H)
     dw_tiles = tl.cdiv(width, BLOCK_M) * h_tiles
@@ -208,7 +227,7 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
                         mask=(ns[:, None] < N) & (hs[None, :] < H), other=0.0)
             acc = _dot(dz, h, acc, PRECISION)
         tl.store(dw_ptr + (v0 + vs[:, None]) * H + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
-                 mask=(vs[:, None] < width) & (hs[None, :] < H))
+                 mask=(vs[:, None] < width) & (v0 + vs[:, None] < V) & (hs[None, :] < H))
     else:
         # d hidden[rows, hs] += sum_{v in the chunk} dlogits[rows, v] weight[v0 + v, hs]
         pid -= dw_tiles
@@ -216,7 +235,7 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
         hs = (pid % h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
         tile = rows[:, None] * H + hs[None, :]
         in_tile = (rows[:, None] < N) & (hs[None, :] < H)
-        if FIRST:
+        if first:
             acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
         else:
             acc = tl.load(dh_acc_ptr + tile, mask=in_tile, other=0.0)
@@ -225,9 +244,9 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
             dz = tl.load(dlogits_ptr + rows[:, None] * stride_dn + vs[None, :],
                          mask=(rows[:, None] < N) & (vs[None, :] < width), other=0.0)
             w = tl.load(w_ptr + (v0 + vs[:, None]) * stride_wv + hs[None, :],
-                        mask=(vs[:, None] < width) & (hs[None, :] < H), other=0.0)
+                        mask=(v0 + vs[:, None] < V) & (hs[None, :] < H), other=0.0)
             acc = _dot(dz, w, acc, PRECISION)
-        if LAST:
+        if last:
             tl.store(dh_ptr + tile, acc.to(dh_ptr.dtype.element_ty), mask=in_tile)
         else:
             tl.store(dh_acc_ptr + tile, acc, mask=in_tile)
@@ -257,21 +276,28 @@ def _chunk(N, V, element_size):
     return min(max(CHUNK_MULTIPLE, columns), triton.cdiv(V, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
 
 
+def _flat(hidden, weight, targets):
+    """hidden (..., H), weight (V, H), targets (...) -> (N, H), (V, H), (N,), each with unit stride
+    along its last dim, as both paths read them."""
+    assert hidden.dtype == weight.dtype in (torch.float32, torch.bfloat16, torch.float16), \
+        "hidden and weight must have the same float dtype (or run under torch.autocast)"
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    assert weight.shape == (V, H), "weight must be (V, H), with hidden (..., H)"
+    h = hidden.reshape(-1, H)  # (N, H)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    flat_targets = targets.reshape(-1).contiguous()  # (N,)
+    assert flat_targets.numel() == h.shape[0], "targets must have hidden's leading shape"
+    return h, weight, flat_targets
+
+
 class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
-        assert hidden.dtype == weight.dtype in (torch.float32, torch.bfloat16, torch.float16), \
-            "hidden and weight must have the same float dtype (or run under torch.autocast)"
-        H = hidden.shape[-1]
-        V = weight.shape[0]
-        assert weight.shape == (V, H), "weight must be (V, H), with hidden (..., H)"
-        h = hidden.reshape(-1, H)  # (N, H)
-        h = h if h.stride(-1) == 1 else h.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        N = h.shape[0]
-        flat_targets = targets.reshape(-1).contiguous()  # (N,)
-        assert flat_targets.numel() == N, "targets must have hidden's leading shape"
+        h, weight, flat_targets = _flat(hidden, weight, targets)
+        (N, H), V = h.shape, weight.shape[0]
         inv_temperature = 1.0 / temperature
         splits = _splits(N, V, h.device)
         stats = torch.empty(4, splits, N, device=h.device)  # m, s, w, z_target per split
@@ -314,13 +340,17 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = torch.empty(V, H, dtype=weight.dtype, device=h.device)
         chunk = _chunk(N, V, h.element_size())
         dlogits = torch.empty(N, chunk, dtype=h.dtype, device=h.device)  # one chunk's d loss / dz
-        # d hidden adds up over the chunks in fp32: in its own gradient if that is fp32 or there
-        # is one chunk, else in a scratch accumulator
-        several = chunk < V and h.dtype != torch.float32
-        grad_hidden_acc = torch.empty(N, H, device=h.device) if several else grad_hidden
+        # d hidden adds up over the chunks in fp32: in its own gradient if that is fp32, else in
+        # a scratch accumulator; with one chunk there is nothing to add up, and a one-element
+        # stand-in keeps the pointer fp32, so that the kernel compiled for several chunks serves
+        grad_hidden_acc = (grad_hidden if h.dtype == torch.float32
+                           else torch.empty((N, H) if chunk < V else (1,), device=h.device))
         precision = _precision(h.dtype)
         for v0 in range(0, V, chunk):
-            width = min(chunk, V - v0)
+            # The chunk's columns, the last chunk's rounded up to 16 (those past V get d loss /
+            # dz = 0): Triton then knows every width is a multiple of 16, whatever V is, so one
+            # compiled kernel serves every chunk, and the masks along the columns allow wide loads.
+            width = min(chunk, triton.cdiv(V - v0, 16) * 16)
             _dlogits_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),
                                           triton.cdiv(width, meta["BLOCK_V"]))](
                 h, weight, targets, row_max, log_sum, entropy, grad_logprobs, grad_entropy,
@@ -329,9 +359,9 @@ class _LinearLogprobs(torch.autograd.Function):
             _grads_kernel[lambda meta: ((triton.cdiv(width, meta["BLOCK_M"])
                                          + triton.cdiv(N, meta["BLOCK_M"]))
                                         * triton.cdiv(H, meta["BLOCK_H"]),)](
-                dlogits, h, weight, grad_weight, grad_hidden_acc, grad_hidden, N, H, v0, width,
-                h.stride(0), weight.stride(0), dlogits.stride(0), PRECISION=precision,
-                FIRST=v0 == 0, LAST=v0 + width == V)
+                dlogits, h, weight, grad_weight, grad_hidden_acc, grad_hidden, N, H, V, v0, width,
+                h.stride(0), weight.stride(0), dlogits.stride(0), v0 == 0, v0 + chunk >= V,
+                PRECISION=precision)
         return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
 
 

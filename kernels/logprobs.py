@@ -40,20 +40,31 @@ test_shift_invariant checks it: logits + 4096 give the same bits as the logits.
 
 import torch
 
-from kernels._common import (autotune, rows_and_grad, rest_columns, row_args, row_blocks,
-                             row_start, rows_view, tl, triton, use_triton)
+from kernels._common import (launch_config, row_args, row_config, row_start, rows_and_grad,
+                             rows_view, rest_columns, row_blocks, tl, triton, use_triton)
 
-# One program per row, looping over it in blocks. Bigger blocks and more warps keep more bytes in
-# flight per SM; which is best depends on V and the GPU, so a GPU times them (key: V). The
-# interpreter uses min(INTERPRET_BLOCK_V, next power of two >= V).
+# One program per row, looping over it in blocks of BLOCK_V columns. A GPU runs blocks of BLOCK_V
+# (a shorter row, the next power of two) with _common.row_config's warps, whatever the shape;
+# MINRLHF_AUTOTUNE=1 times CONFIGS instead, once per V. Bigger blocks and more warps keep more
+# bytes in flight per SM. The interpreter uses INTERPRET_BLOCK_V the same way.
 CONFIGS = [triton.Config({"BLOCK_V": block}, num_warps=warps, num_stages=stages)
            for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
            for stages in (1, 2)]
+BLOCK_V = 4096
 INTERPRET_BLOCK_V = 4096
+# Arguments that change with the batch (its T, the rows' offsets and strides, the addresses of
+# per-row values) are not specialised on (an int divisible by 16 or equal to 1, an address
+# divisible by 16): a new one would compile the kernel again. The wide loads do not need them:
+# ALIGN says where the aligned blocks start, and per-row values are loaded one at a time.
+ROW_ARGS = ["offset", "stride_b", "stride_t", "T", "V"]
 
 
-def _interpret_block(args):
-    return min(INTERPRET_BLOCK_V, max(16, triton.next_power_of_2(args["V"])))
+def _gpu_config(args):
+    return row_config(args["V"], BLOCK_V)
+
+
+def _interpret_config(args):
+    return row_config(args["V"], INTERPRET_BLOCK_V)
 
 
 @triton.jit
@@ -71,8 +82,9 @@ def _fwd_update(z, m, s, w, inv_temperature):
     return m_new, s, w
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS + ["targets_ptr", "logprobs_ptr", "entropy_ptr", "max_ptr",
+                                         "log_sum_ptr"])
 def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log_sum_ptr,
                 offset, stride_b, stride_t, T, V, inv_temperature,
                 ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -112,8 +124,9 @@ def _grad(z, cols, target, m, log_s, entropy, grad_logprob, grad_entropy, inv_te
     return grad * inv_temperature
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS + ["targets_ptr", "entropy_ptr", "max_ptr", "log_sum_ptr",
+                                         "grad_logprobs_ptr", "grad_entropy_ptr"])
 def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad_logprobs_ptr,
                 grad_entropy_ptr, grad_logits_ptr, offset, stride_b, stride_t, T, V,
                 inv_temperature, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):

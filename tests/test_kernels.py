@@ -18,7 +18,11 @@ derived from its terms (above gae_fp64), not to a fixed tolerance.
 """
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +43,7 @@ gae_module = importlib.import_module("kernels.gae")
 linear_module = importlib.import_module("kernels.linear_logprobs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FWD_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -203,6 +208,24 @@ class NewTensors(TorchDispatchMode):
         return out
 
 
+def force_config(monkeypatch, module, config):
+    """Every kernel of `module` launches with `config` (a dict of block sizes, and num_warps and
+    num_stages, which only a GPU reads): in the interpreter and on a GPU alike."""
+    launched = [k for k in vars(module).values() if hasattr(k, "gpu_config")]
+    assert launched, f"no kernel with a launch config in {module.__name__}"
+    for kernel in launched:
+        monkeypatch.setattr(kernel, "gpu_config", lambda args: config)
+        monkeypatch.setattr(kernel, "interpret_config", lambda args: config)
+
+
+def configs_to_run(configs, block):
+    """The configs that MINRLHF_AUTOTUNE=1 chooses among: all of them on a GPU; in the
+    interpreter, which ignores warps and stages, one per value of `block`."""
+    if torch.cuda.is_available():
+        return configs
+    return sorted({c.kwargs[block]: c for c in configs}.values(), key=lambda c: c.kwargs[block])
+
+
 def warm_up(fn, *args):
     """One forward and backward of fn(*args), so that on a GPU autotuning, which times the kernels
     with buffers of its own, is done before a test records allocations or peak memory."""
@@ -320,13 +343,13 @@ def test_rows_in_every_layout_and_around_a_block(monkeypatch, V, layout):
     assert grad.stride() == logits.stride()
 
 
-@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_V"] for c in kernels.logprobs.CONFIGS}))
-def test_every_gpu_block_size(monkeypatch, block):
-    # a GPU autotunes over these blocks; under the interpreter each runs here once, on rows with a
-    # head, two whole blocks and a tail
+@pytest.mark.parametrize("config", configs_to_run(kernels.logprobs.CONFIGS, "BLOCK_V"), ids=str)
+def test_every_gpu_block_size(monkeypatch, config):
+    # MINRLHF_AUTOTUNE=1 picks among these configs; each runs here once (in the interpreter, each
+    # block size), on rows with a head, two whole blocks and a tail
     for module in (kernels.logprobs, kernels.kl):
-        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", block)
-    V = 2 * block + 21
+        force_config(monkeypatch, module, config.all_kwargs())
+    V = 2 * config.kwargs["BLOCK_V"] + 21
     torch.manual_seed(0)
     logits = laid_out((2,), V, torch.bfloat16, "shifted")
     check_token_logprobs(logits, torch.randint(0, V, (2,), device=DEVICE), 0.7)
@@ -607,9 +630,10 @@ def test_linear_logprobs_under_autocast():
 
 @pytest.mark.parametrize("tiles", range(len(linear_module.FWD_CONFIGS)))
 def test_linear_logprobs_every_gpu_tile(monkeypatch, tiles):
-    # a GPU autotunes over these tiles; under the interpreter each runs here once
-    monkeypatch.setattr(linear_module, "INTERPRET_TILES", {
-        **linear_module.FWD_CONFIGS[tiles].kwargs, **linear_module.GRAD_CONFIGS[tiles].kwargs})
+    # MINRLHF_AUTOTUNE=1 picks among these tiles; each runs here once, in the interpreter or on
+    # the GPU
+    fwd, grad = linear_module.FWD_CONFIGS[tiles], linear_module.GRAD_CONFIGS[tiles]
+    force_config(monkeypatch, linear_module, {**fwd.all_kwargs(), **grad.kwargs})
     torch.manual_seed(0)
     check_linear_logprobs(*linear_inputs((21,), 72, 67, torch.bfloat16), 0.7)
 
@@ -641,6 +665,136 @@ def test_linear_logprobs_follows_the_dispatch(monkeypatch):
     monkeypatch.delenv("MINRLHF_KERNELS")
     assert torch.equal(kernels.linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu(),
                                                temperature=0.7), expected.cpu())
+
+
+# ---- one compile per run ---------------------------------------------------------------------
+
+# Run in a process of its own, without the interpreter, so that the kernels are what a GPU
+# compiles. It records the launches of PPO minibatches whose responses are 1, 16 and 37 tokens
+# long (none runs: the tensors are on the CPU), with the launch config a GPU would get; computes
+# for each the key under which Triton's JIT caches a compiled kernel, by Triton's own code
+# (JITFunction.run: every argument's type and specialisation, the constexprs, the options); then
+# compiles each distinct launch for an H100/H200 (sm_90) with Triton's compiler and ptxas. Prints
+# {kernel: [distinct keys at each T], "compiled": {kernel: shared memory in bytes}} as JSON.
+COMPILE_CHECK = r"""
+import importlib, json
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import create_function_from_signature
+
+modules = [importlib.import_module("kernels." + m)
+           for m in ("logprobs", "kl", "linear_logprobs", "gae")]
+logprobs, kl, linear, gae = modules
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+launches = []
+for module in modules:
+    for name, kernel in vars(module).items():
+        if isinstance(kernel, triton.runtime.KernelInterface) and hasattr(kernel, "fn"):
+            assert not isinstance(kernel, Autotuner), name + " autotunes without MINRLHF_AUTOTUNE=1"
+        if hasattr(kernel, "gpu_config"):
+            def record(*args, grid, warmup, name=module.__name__ + "." + name, kernel=kernel, **kw):
+                launches.append((name, kernel, args, kw))
+            kernel.run = record
+
+def bind(kernel, args, kwargs):
+    # the launch as a GPU makes it: the kernel's own arguments plus its launch config
+    jit = kernel.fn
+    config = kernel.gpu_config({**dict(zip(jit.arg_names, args)), **kwargs})
+    kwargs = {**kwargs, **{k: v for k, v in config.items()
+                           if k in jit.arg_names or k in ("num_warps", "num_stages")}}
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    return jit, kwargs, binder(*args, **kwargs)
+
+def minibatch(T, dtype):
+    # what one PPO minibatch launches, forward and backward, for 2 responses of T tokens
+    full = torch.randn(2, T + 1, 384).to(dtype)  # a vocabulary of 300 padded to 384
+    logits = full[:, :-1, :300].requires_grad_()
+    targets = torch.randint(0, 300, (2, T))
+    lp, ent = logprobs._TokenLogprobs.apply(logits, targets, 0.7)
+    kl_t = kl._KLFull.apply(logits, full[:, 1:, :300], 0.7)
+    torch.autograd.grad((lp + ent + kl_t).sum(), logits)
+    hidden = torch.randn(2 * T, 64).to(dtype).requires_grad_()
+    weight = torch.randn(300, 64).to(dtype).requires_grad_()
+    lp, ent = linear._LinearLogprobs.apply(hidden, weight, targets.reshape(-1), 0.7)
+    torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+    x = torch.randn(2, T)
+    gae._launch(x, x > 0, gamma=1.0, lam=0.95, rewards=x)
+    gae._launch(x, x > 0, gamma=1.0, lam=0.95, scores=x[:, 0], logprobs=x, ref_logprobs=x,
+                kl_coef=0.1)
+
+# the fused path's backward in one chunk at T = 1, in 19 at T = 16 and T = 37
+linear.CHUNK_MULTIPLE, linear.SCRATCH_BYTES = 16, 40 * 16 * 2
+keys, to_compile = {}, {}
+for dtype in (torch.bfloat16, torch.float32):
+    for T in (1, 16, 37):
+        launches.clear()
+        minibatch(T, dtype)
+        for name, kernel, args, kwargs in launches:
+            jit, kwargs, (bound, spec, options) = bind(kernel, args, kwargs)
+            key = str(spec) + str(options)
+            keys.setdefault(f"{name} {dtype}", {}).setdefault(T, set()).add(key)
+            if dtype == torch.bfloat16 or name.startswith("kernels.linear"):
+                to_compile[name, key] = (jit, kwargs, bound, spec, options)
+out = {name: [sorted(by_T[T]) for T in sorted(by_T)] for name, by_T in keys.items()}
+out["compiled"] = {}
+for (name, _), (jit, kwargs, bound, spec, options) in to_compile.items():
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, spec, options)
+    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    out["compiled"][name] = max(out["compiled"].get(name, 0), compiled.metadata.shared)
+print(json.dumps(out))
+"""
+
+
+def run_kernels_process(code, **env):
+    """Runs `code` in a Python process that imports kernels/ as a GPU machine does: without the
+    interpreter (and with env added); returns its stdout."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_new_batch_shape_compiles_nothing_new():
+    # Issue 24: on an H200 the first PPO update took 24.8 s, 17.6 s of it autotuning and
+    # compiling, and each new response length tuned and compiled again (the chunk width and
+    # FIRST / LAST were in the keys). Here every kernel launched for responses of 1, 16 and 37
+    # tokens (1 and multiples of 16 are what Triton specialises on) must have the same compile
+    # keys, and everything must compile for sm_90 within its shared memory (227 KiB a block): a
+    # fixed launch config has no autotuner to skip one that does not fit. It fails on the
+    # kernels before this change: FIRST and LAST were constexprs, N and T were specialised on.
+    out = json.loads(run_kernels_process(COMPILE_CHECK))
+    compiled = out.pop("compiled")
+    assert len(out) == 2 * 8  # every kernel, in bf16 and fp32
+    for name, keys_by_T in out.items():
+        assert len(keys_by_T) == 3, f"{name} was not launched for every T"
+        assert all(keys == keys_by_T[0] for keys in keys_by_T), \
+            f"{name} compiles again for a new T:\n" + "\n".join(map(str, keys_by_T))
+    assert len(compiled) == 8 and max(compiled.values()) <= 227 * 1024, compiled
+
+
+def test_autotuning_is_opt_in_and_cached():
+    # MINRLHF_AUTOTUNE=1 makes every kernel a triton.autotune over its CONFIGS, with the timings
+    # cached on disk; without it (test_a_new_batch_shape_compiles_nothing_new) none autotunes.
+    out = run_kernels_process(
+        "import importlib, triton\n"
+        "from triton.runtime.autotuner import Autotuner\n"
+        "for m in ('logprobs', 'kl', 'linear_logprobs', 'gae'):\n"
+        "    module = importlib.import_module('kernels.' + m)\n"
+        "    for name, k in vars(module).items():\n"
+        "        if isinstance(k, Autotuner):\n"
+        "            print(m, name, len(k.configs), k.cache_results)\n",
+        MINRLHF_AUTOTUNE="1")
+    tuned = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines()}
+    configs = {"logprobs": kernels.logprobs.CONFIGS, "kl": kernels.logprobs.CONFIGS,
+               "linear_logprobs": linear_module.FWD_CONFIGS, "gae": gae_module.CONFIGS}
+    assert len(tuned) == 8
+    for (module, name), (n_configs, cached) in tuned.items():
+        assert int(n_configs) == len(configs[module]) > 1 and cached == "True", (module, name)
 
 
 # ---- gae and ppo_advantages ------------------------------------------------------------------
@@ -680,13 +834,13 @@ def test_gae_in_short_chunks(monkeypatch):
     test_ppo_advantages(4, 37, "k3")
 
 
-@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_T"] for c in gae_module.CONFIGS}))
-def test_gae_every_gpu_chunk(monkeypatch, block):
-    # a GPU autotunes over these chunk lengths; under the interpreter each runs here once, over
-    # a chunk and a bit (one row, T one past the chunk)
-    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", block)
+@pytest.mark.parametrize("config", configs_to_run(gae_module.CONFIGS, "BLOCK_T"), ids=str)
+def test_gae_every_gpu_chunk(monkeypatch, config):
+    # MINRLHF_AUTOTUNE=1 picks among these chunk lengths; each runs here once, over a chunk and
+    # a bit (one row, T one past the chunk)
+    force_config(monkeypatch, gae_module, config.all_kwargs())
     torch.manual_seed(0)
-    T = block + 1
+    T = config.kwargs["BLOCK_T"] + 1
     lengths = torch.tensor([T])
     rewards, values = torch.randn(2, 1, T, device=DEVICE)
     advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
