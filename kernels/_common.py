@@ -202,3 +202,33 @@ def rest_columns(r, head, n_full, V, BLOCK: tl.constexpr):
     cols = tl.where(lane < head, lane, lane + n_full * BLOCK)
     return cols, lane < V - n_full * BLOCK
 
+
+@triton.jit
+def write_row_grad(block_grad: tl.constexpr, row_values, logits_ptr, grad_ptr, start, V,
+                   ALIGN: tl.constexpr, BLOCK: tl.constexpr, OPTION: tl.constexpr):
+    """In a backward kernel: the walk over one row of V logits, starting at element `start` of
+    logits_ptr, that writes its gradient at the same elements of grad_ptr (which has the logits'
+    layout: rows_and_grad), in grad_ptr's dtype. Whole blocks are loaded and stored unmasked and
+    aligned (row_blocks), then the head and the tail masked. The op's gradient of one block is
+    block_grad(z, cols, col0, in_row, row_values, WHOLE, ALIGN, BLOCK, OPTION):
+      z        the block's logits in fp32, -inf past the row (p = 0 there, so that the lanes not
+               stored stay finite); cols their columns;
+      WHOLE    (constexpr) a whole block: col0 its first column, a multiple of ALIGN from the
+               row's start; else in_row the lanes inside the row;
+      row_values  the op's own per-row values, a tuple (whose elements are runtime values);
+      OPTION   a constexpr of the op's own, passed through (kl_full: whether the reference's
+               rows are aligned as the policy's)."""
+    out_ty = grad_ptr.dtype.element_ty
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK)
+    for i in range(n_full):
+        col0 = head + i * BLOCK
+        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK)
+        z = tl.load(logits_ptr + block).to(tl.float32)
+        grad = block_grad(z, col0 + tl.arange(0, BLOCK), col0, None, row_values, True, ALIGN,
+                          BLOCK, OPTION)
+        tl.store(grad_ptr + block, grad.to(out_ty))
+    for r in range(0, V - n_full * BLOCK, BLOCK):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK)
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        grad = block_grad(z, cols, None, in_row, row_values, False, ALIGN, BLOCK, OPTION)
+        tl.store(grad_ptr + start + cols, grad.to(out_ty), mask=in_row)

@@ -19,7 +19,8 @@ compiler does.
 import torch
 
 from kernels._common import (launch_config, rest_columns, row_args, row_blocks, row_config,
-                             row_start, rows_and_grad, rows_view, tl, triton, use_triton)
+                             row_start, rows_and_grad, rows_view, tl, triton, use_triton,
+                             write_row_grad)
 from kernels.logprobs import CONFIGS
 
 # Blocks as in logprobs.py: a GPU's, and the interpreter's, at most this wide
@@ -109,8 +110,15 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
 
 
 @triton.jit
-def _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature):
+def _block_grad(z, cols, col0, in_row, row_values, WHOLE: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr):
+    # The gradient of one block (see _common.write_row_grad):
     #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d z = (d / d x) / T
+    ref_ptr, ref_start, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature = row_values
+    if WHOLE:
+        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
+    else:
+        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
     p = tl.exp((z - m) * inv_temperature - log_s)
     log_ratio = ((z - m) - (y - ref_m)) * inv_temperature - (log_s - ref_log_s)  # log p - log q
     return grad_kl * p * tl.where(p > 0, log_ratio - kl, 0.0) * inv_temperature
@@ -125,30 +133,12 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     # One program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype and
     # layout, see rows_and_grad).
     row = tl.program_id(0).to(tl.int64)
-    start = row_start(row, offset, T, stride_b, stride_t)
     ref_start = row_start(row, ref_offset, T, ref_stride_b, ref_stride_t)
-    kl = tl.load(kl_ptr + row)
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(log_sum_ptr + row)
-    ref_m = tl.load(ref_max_ptr + row)
-    ref_log_s = tl.load(ref_log_sum_ptr + row)
-    grad_kl = tl.load(grad_kl_ptr + row)
-    out_ty = grad_logits_ptr.dtype.element_ty
-    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
-    for i in range(n_full):
-        col0 = head + i * BLOCK_V
-        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
-        z = tl.load(logits_ptr + block).to(tl.float32)
-        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
-        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
-        tl.store(grad_logits_ptr + block, grad.to(out_ty))
-    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
-        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
-        # z = -inf past the row: p = 0 there, so the lanes that are not stored stay finite
-        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
-        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
-        tl.store(grad_logits_ptr + start + cols, grad.to(out_ty), mask=in_row)
+    row_values = (ref_ptr, ref_start, tl.load(max_ptr + row), tl.load(log_sum_ptr + row),
+                  tl.load(ref_max_ptr + row), tl.load(ref_log_sum_ptr + row),
+                  tl.load(kl_ptr + row), tl.load(grad_kl_ptr + row), inv_temperature)
+    write_row_grad(_block_grad, row_values, logits_ptr, grad_logits_ptr,
+                   row_start(row, offset, T, stride_b, stride_t), V, ALIGN, BLOCK_V, REF_ALIGNED)
 
 
 def _launch_args(rows, ref_rows):

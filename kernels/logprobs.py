@@ -41,7 +41,8 @@ test_shift_invariant checks it: logits + 4096 give the same bits as the logits.
 import torch
 
 from kernels._common import (launch_config, row_args, row_config, row_start, rows_and_grad,
-                             rows_view, rest_columns, row_blocks, tl, triton, use_triton)
+                             rows_view, rest_columns, row_blocks, tl, triton, use_triton,
+                             write_row_grad)
 
 # One program per row, looping over it in blocks of BLOCK_V columns. A GPU runs blocks of BLOCK_V
 # (a shorter row, the next power of two) with _common.row_config's warps, whatever the shape;
@@ -113,10 +114,13 @@ def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log
 
 
 @triton.jit
-def _grad(z, cols, target, m, log_s, entropy, grad_logprob, grad_entropy, inv_temperature):
+def _block_grad(z, cols, col0, in_row, row_values, WHOLE: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK_V: tl.constexpr, OPTION: tl.constexpr):
+    # The gradient of one block (see _common.write_row_grad):
     #   d logprob / d x_v = [v == target] - p_v
     #   d entropy / d x_v = -p_v (log p_v + entropy)
     # and d / d z = (d / d x) / T.
+    target, m, log_s, entropy, grad_logprob, grad_entropy, inv_temperature = row_values
     logp = (z - m) * inv_temperature - log_s
     p = tl.exp(logp)
     grad = grad_logprob * (tl.where(cols == target, 1.0, 0.0) - p)
@@ -133,28 +137,11 @@ def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad
     # One program per row; reads V logits and 6 floats, writes V gradients in the logits' dtype.
     # The gradient has the logits' layout (rows_and_grad), so both use the same aligned blocks.
     row = tl.program_id(0).to(tl.int64)
-    start = row_start(row, offset, T, stride_b, stride_t)
-    target = tl.load(targets_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(log_sum_ptr + row)
-    grad_logprob = tl.load(grad_logprobs_ptr + row)
-    grad_entropy = tl.load(grad_entropy_ptr + row)
-    out_ty = grad_logits_ptr.dtype.element_ty
-    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
-    for i in range(n_full):
-        col0 = head + i * BLOCK_V
-        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
-        grad = _grad(tl.load(logits_ptr + block).to(tl.float32), col0 + tl.arange(0, BLOCK_V),
-                     target, m, log_s, entropy, grad_logprob, grad_entropy, inv_temperature)
-        tl.store(grad_logits_ptr + block, grad.to(out_ty))
-    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
-        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
-        # -inf past the row: p = 0 there, so the lanes that are not stored stay finite
-        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        grad = _grad(z, cols, target, m, log_s, entropy, grad_logprob, grad_entropy,
-                     inv_temperature)
-        tl.store(grad_logits_ptr + start + cols, grad.to(out_ty), mask=in_row)
+    row_values = (tl.load(targets_ptr + row), tl.load(max_ptr + row), tl.load(log_sum_ptr + row),
+                  tl.load(entropy_ptr + row), tl.load(grad_logprobs_ptr + row),
+                  tl.load(grad_entropy_ptr + row), inv_temperature)
+    write_row_grad(_block_grad, row_values, logits_ptr, grad_logits_ptr,
+                   row_start(row, offset, T, stride_b, stride_t), V, ALIGN, BLOCK_V, None)
 
 
 class _TokenLogprobs(torch.autograd.Function):
