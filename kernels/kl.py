@@ -54,7 +54,9 @@ def _ref_block(ref_ptr, ref_start, col0, ALIGN: tl.constexpr, REF_ALIGNED: tl.co
 @triton.jit
 def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     # One block of both rows: z, y (BLOCK_V,) fp32, in_row False in masked lanes (their values
-    # are 0 and must not count). Returns the running maxima and sums at the new maxima.
+    # are 0 and must not count). The maxima are the rows' so far (scalars); s, ref_s and u are
+    # kept per lane and added up across lanes after the row, as in logprobs.py: two reductions
+    # across the program per block (the maxima) instead of five. Returns them at the new maxima.
     m_new = tl.maximum(m, tl.max(tl.where(in_row, z, float("-inf")), axis=0))
     ref_m_new = tl.maximum(ref_m, tl.max(tl.where(in_row, y, float("-inf")), axis=0))
     alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
@@ -64,9 +66,9 @@ def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     # each old term of u gains (ref_m_new - ref_m) - (m_new - m) and the factor alpha; where p is
     # 0 (masked lanes, logits of -inf) its term is 0, not 0 * inf
     u = alpha * (u + ((ref_m_new - ref_m) - (m_new - m)) * s)
-    u += tl.sum(p * tl.where(p > 0, (z - m_new) - (y - ref_m_new), 0.0), axis=0)
-    s = alpha * s + tl.sum(p, axis=0)
-    ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + tl.sum(ref_p, axis=0)
+    u += p * tl.where(p > 0, (z - m_new) - (y - ref_m_new), 0.0)
+    s = alpha * s + p
+    ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + ref_p
     return m_new, ref_m_new, s, ref_s, u
 
 
@@ -84,9 +86,9 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     # the maxima start at the rows' first values, so that the first rescale multiplies finite ones
     m = tl.load(logits_ptr + start).to(tl.float32)
     ref_m = tl.load(ref_ptr + ref_start).to(tl.float32)
-    s = 0.0  # sum exp((z - m) / T)
-    ref_s = 0.0  # sum exp((y - ref_m) / T)
-    u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
+    s = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((z - m) / T)
+    ref_s = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((y - ref_m) / T)
+    u = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
         col0 = head + i * BLOCK_V
@@ -100,9 +102,10 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
         z = tl.load(logits_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
         y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
         m, ref_m, s, ref_s, u = _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature)
+    s = tl.sum(s, axis=0)
     log_s = tl.log(s)
-    ref_log_s = tl.log(ref_s)
-    tl.store(kl_ptr + row, inv_temperature * u / s - (log_s - ref_log_s))
+    ref_log_s = tl.log(tl.sum(ref_s, axis=0))
+    tl.store(kl_ptr + row, inv_temperature * tl.sum(u, axis=0) / s - (log_s - ref_log_s))
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
     tl.store(ref_max_ptr + row, ref_m)

@@ -70,16 +70,19 @@ def _interpret_config(args):
 
 @triton.jit
 def _fwd_update(z, m, s, w, inv_temperature):
-    # One block of a row: z (BLOCK_V,) fp32, -inf in masked lanes. m, s = sum exp((z - m) / T) and
-    # w = sum exp((z - m) / T) (z - m) so far; returns them at the new max.
+    # One block of a row: z (BLOCK_V,) fp32, -inf in masked lanes. m is the row's max so far (a
+    # scalar); s = sum exp((z - m) / T) and w = sum exp((z - m) / T) (z - m) are kept per lane,
+    # over the columns each lane has seen, and added up across lanes once, after the row: one
+    # reduction across the program per block (the max) instead of three. Returns them at the new
+    # max.
     m_new = tl.maximum(m, tl.max(z, axis=0))
     alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
     d = z - m_new
     p = tl.exp(d * inv_temperature)  # 0 in masked lanes
     # each old term exp(.)(z - m) becomes alpha exp(.)(z - m + m - m_new); where p is 0 (masked
     # lanes, or logits of -inf), its term is 0, not 0 * -inf
-    w = alpha * (w + (m - m_new) * s) + tl.sum(p * tl.where(p > 0, d, 0.0), axis=0)
-    s = alpha * s + tl.sum(p, axis=0)
+    w = alpha * (w + (m - m_new) * s) + p * tl.where(p > 0, d, 0.0)
+    s = alpha * s + p
     return m_new, s, w
 
 
@@ -95,8 +98,8 @@ def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log
     z_target = tl.load(logits_ptr + start + tl.load(targets_ptr + row)).to(tl.float32)
     # m starts at z_target, a value of the row, so that the first rescale multiplies finite numbers
     m = z_target
-    s = 0.0
-    w = 0.0
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    w = tl.zeros((BLOCK_V,), tl.float32)
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
         block = tl.multiple_of(start + head + i * BLOCK_V, ALIGN) + tl.arange(0, BLOCK_V)
@@ -106,9 +109,10 @@ def _fwd_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, max_ptr, log
         cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
         z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         m, s, w = _fwd_update(z, m, s, w, inv_temperature)
+    s = tl.sum(s, axis=0)
     log_s = tl.log(s)
     tl.store(logprobs_ptr + row, (z_target - m) * inv_temperature - log_s)
-    tl.store(entropy_ptr + row, log_s - inv_temperature * w / s)
+    tl.store(entropy_ptr + row, log_s - inv_temperature * tl.sum(w, axis=0) / s)
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
 
