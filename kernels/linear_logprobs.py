@@ -1,8 +1,25 @@
 """linear_logprobs: token_logprobs of the logits hidden @ weight.T, straight from the hidden states
-(N, H) and the lm_head weight (V, H), forward and backward, without ever holding more than a chunk
-of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in fp32, and
-`token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
+(N, H) and the lm_head weight (V, H), forward and backward; its fused path never holds more than a
+chunk of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in
+fp32, and `token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
 
+Two paths, chosen per call by memory. Where the logits of the vocabulary padded to a multiple of
+128, (N, V_pad) in the compute dtype, fit in a budget (logits_budget_mib, or the environment's
+MINRLHF_LOGITS_BUDGET_MIB, else LOGITS_BUDGET_MIB = 1 GiB), they are made by one cuBLAS matmul and
+held for the backward (_LogitsLogprobs): token_logprobs's kernels give the log-probs, then
+overwrite the logits with their gradient, and two cuBLAS matmuls give the gradients of hidden and
+weight. That is three matmuls where the fused path below does four in Triton's tiles, which on an
+H200 at N, H, V = 8192, 4096, 128256 took 69.4 ms, 1.40x its four-matmul floor, against 43.4 ms
+for a matmul and token_logprobs (kernels_bench.txt of 2026-12-04). The padding is for cuBLAS:
+at V = 50257 its matmul ran at 95 TFLOP/s there, which that run's notes put down to the
+unaligned vocabulary (not measured padded). Those logits round to the compute dtype (bf16 under
+autocast) as the model's unfused path rounds them; the fused path keeps them in fp32. Larger
+batches (an SFT batch of 32 x 1024 tokens: 3.3 GB at V = 50304) take the fused path, whose
+memory stays at a chunk. 1 GiB holds a PPO minibatch of 16 x 128 tokens at V = 128256 (0.5 GiB)
+and is about 1% of an 80 GB card; the budget is a guess about what a run can spare, not a
+measured crossover.
+
+The fused path follows.
 
 Math as in logprobs.py, with z = hidden @ weight.T in fp32 and everything relative to the row max m
 in the logits' own units, scaled by 1/T after (logprobs.py says why):
@@ -59,15 +76,19 @@ forward's logits with the same tiles (with MINRLHF_AUTOTUNE=1 the two may pick d
 then they agree up to fp32 rounding, a relative error in p of a few ulps of |z| / T).
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from kernels._common import INTERPRET, launch_config, tl, triton, use_triton
-from kernels.logprobs import token_logprobs_ref
+from kernels._common import INTERPRET, launch_config, rows_view, tl, triton, use_triton
+from kernels.logprobs import backward_rows, forward_rows, token_logprobs_ref
 
 SCRATCH_BYTES = 32 * 2**20  # the backward's chunk of d loss / d logits
 CHUNK_MULTIPLE = 256  # chunk widths are a multiple of every tile width
 PROGRAMS_PER_SM = 2  # the forward splits the vocabulary until there are this many programs per SM
+LOGITS_BUDGET_MIB = 1024  # the logits path's limit on its (N, V_pad) logits (module docstring)
+VOCAB_MULTIPLE = 128  # the logits path pads the vocabulary to this, for cuBLAS
 
 # What MINRLHF_AUTOTUNE=1 times per (H, V) (and dtype); BLOCK_K is the same everywhere, so that
 # the forward and the backward add up the H products of a logit in the same order.
@@ -293,6 +314,7 @@ def _flat(hidden, weight, targets):
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    # The fused path: never more than a chunk of the logits (the module's docstring).
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
@@ -365,6 +387,54 @@ class _LinearLogprobs(torch.autograd.Function):
         return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
 
 
+def _padded_vocab(V):
+    return triton.cdiv(V, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _padded(weight):
+    """weight (V, H) as the first V rows of a (V_pad, H) tensor whose other rows are zeros: a copy,
+    unless V is a multiple of VOCAB_MULTIPLE already."""
+    V, H = weight.shape
+    if V == _padded_vocab(V):
+        return weight
+    padded = weight.new_zeros(_padded_vocab(V), H)
+    padded[:V] = weight
+    return padded
+
+
+class _LogitsLogprobs(torch.autograd.Function):
+    # The logits path: the (N, V_pad) logits, in the compute dtype, held from the forward to the
+    # backward, which overwrites them with their gradient (a second backward through the same
+    # graph would find them modified, and autograd says so).
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        h, weight, flat_targets = _flat(hidden, weight, targets)
+        V = weight.shape[0]
+        logits = h @ _padded(weight).T  # (N, V_pad)
+        logprobs, entropy, row_max, log_sum = forward_rows(logits[:, :V], flat_targets,
+                                                           temperature)
+        # a copy of the entropy (O(rows)) is saved, so that the caller may modify it in place
+        ctx.save_for_backward(h, weight, logits, flat_targets, entropy.clone(), row_max, log_sum)
+        ctx.hidden_shape = hidden.shape
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        h, weight, logits, targets, entropy, row_max, log_sum = ctx.saved_tensors
+        V = weight.shape[0]
+        rows = rows_view(logits[:, :V])  # (1, N, V): read in place, and overwritten
+        backward_rows(rows, targets, entropy, row_max, log_sum, grad_logprobs, grad_entropy,
+                      ctx.temperature, rows)
+        logits[:, V:] = 0  # the padding is in no softmax
+        grad_logits = logits  # (N, V_pad): d loss / d logits
+        grad_hidden = grad_logits @ _padded(weight)  # (N, H)
+        grad_weight = (grad_logits.T @ h)[:V]  # (V, H)
+        return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
+
+
 def linear_logprobs_ref(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
     """Reference: the logits, (..., V), by F.linear (under autocast in its dtype), then
     token_logprobs_ref."""
@@ -373,18 +443,40 @@ def linear_logprobs_ref(hidden, weight, targets, *, temperature=1.0, return_entr
                               return_entropy=return_entropy)
 
 
-def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+def _budget_mib(budget):
+    """The logits path's budget in MiB: `budget` if not None, else MINRLHF_LOGITS_BUDGET_MIB, else
+    LOGITS_BUDGET_MIB. Read at every call, so that a test (or a run) can change it."""
+    given = os.environ.get("MINRLHF_LOGITS_BUDGET_MIB", LOGITS_BUDGET_MIB) if budget is None \
+        else budget
+    try:
+        mib = float(given)
+    except (TypeError, ValueError):
+        mib = float("nan")
+    if not mib >= 0:
+        raise ValueError(f"The logits budget (logits_budget_mib, or MINRLHF_LOGITS_BUDGET_MIB) "
+                         f"must be a number of MiB, 0 or more, not {given!r}.")
+    return mib
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
+                    logits_budget_mib=None):
     """log softmax((hidden @ weight.T) / temperature) at `targets`, fp32 with targets' shape; with
     return_entropy=True, the tuple (logprobs, entropy). hidden (..., H), weight (V, H) (the
     lm_head's, or its first V rows), targets (...) in [0, V). Differentiable in hidden and weight.
-    The Triton path never holds more than a chunk of the (N, V) logits."""
+    The Triton path holds the (N, V) logits, padded to a multiple of 128 columns, where they fit
+    in logits_budget_mib (default: MINRLHF_LOGITS_BUDGET_MIB, else 1024), and never more than a
+    chunk of them where they do not (the module's docstring says why; a budget of 0 always takes
+    the fused path)."""
     if not use_triton(hidden):
         return linear_logprobs_ref(hidden, weight, targets, temperature=temperature,
                                    return_entropy=return_entropy)
+    budget = _budget_mib(logits_budget_mib)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would multiply, as autocast casts
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    logprobs, entropy = _LinearLogprobs.apply(hidden, weight, targets, float(temperature))
+    logits_bytes = targets.numel() * _padded_vocab(weight.shape[0]) * hidden.element_size()
+    path = _LogitsLogprobs if 0 < logits_bytes <= budget * 2**20 else _LinearLogprobs
+    logprobs, entropy = path.apply(hidden, weight, targets, float(temperature))
     logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return (logprobs, entropy) if return_entropy else logprobs

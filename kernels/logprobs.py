@@ -139,13 +139,53 @@ def _bwd_kernel(logits_ptr, targets_ptr, entropy_ptr, max_ptr, log_sum_ptr, grad
                 grad_entropy_ptr, grad_logits_ptr, offset, stride_b, stride_t, T, V,
                 inv_temperature, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
     # One program per row; reads V logits and 6 floats, writes V gradients in the logits' dtype.
-    # The gradient has the logits' layout (rows_and_grad), so both use the same aligned blocks.
+    # The gradient has the logits' layout (rows_and_grad), so both use the same aligned blocks;
+    # it may be the logits themselves (each block is read before it is written).
     row = tl.program_id(0).to(tl.int64)
     row_values = (tl.load(targets_ptr + row), tl.load(max_ptr + row), tl.load(log_sum_ptr + row),
                   tl.load(entropy_ptr + row), tl.load(grad_logprobs_ptr + row),
                   tl.load(grad_entropy_ptr + row), inv_temperature)
     write_row_grad(_block_grad, row_values, logits_ptr, grad_logits_ptr,
                    row_start(row, offset, T, stride_b, stride_t), V, ALIGN, BLOCK_V, None)
+
+
+def forward_rows(logits, targets, temperature):
+    """The forward kernel's launch: logits (..., V), targets (...) -> fp32 logprobs and entropy
+    (...), and the row max and log of the sum that the backward needs, (N,) each."""
+    rows = rows_view(logits)  # (B, T, V)
+    B, T, V = rows.shape
+    targets = targets.reshape(-1).contiguous()  # (N,)
+    assert targets.numel() == B * T, "targets must have the logits' leading shape"
+    # outputs are tensors of their own, not views, so that callers may modify them in place
+    logprobs = torch.empty(logits.shape[:-1], device=logits.device)
+    entropy = torch.empty(logits.shape[:-1], device=logits.device)
+    row_max, log_sum = torch.empty(2, B * T, device=logits.device).unbind()
+    if B * T > 0:
+        base, offset, stride_b, stride_t, align = row_args(rows)
+        _fwd_kernel[(B * T,)](base, targets, logprobs, entropy, row_max, log_sum, offset,
+                              stride_b, stride_t, T, V, 1.0 / temperature, ALIGN=align)
+    return logprobs, entropy, row_max, log_sum
+
+
+def backward_rows(logits, targets, entropy, row_max, log_sum, grad_logprobs, grad_entropy,
+                  temperature, grad_rows):
+    """The backward kernel's launch: writes d loss / d logits into grad_rows, (B, T, V) in the
+    layout of rows_view(logits) (rows_and_grad makes one; it may be those rows themselves, to
+    overwrite the logits). grad_logprobs, grad_entropy: (...) or None for an output that does not
+    reach the loss."""
+    rows = rows_view(logits)
+    B, T, V = rows.shape
+    # an output that does not reach the loss contributes nothing: zeros, O(rows)
+    grad_logprobs = torch.zeros_like(log_sum) if grad_logprobs is None else grad_logprobs
+    grad_entropy = torch.zeros_like(log_sum) if grad_entropy is None else grad_entropy
+    if B * T > 0:
+        base, offset, stride_b, stride_t, align = row_args(rows)
+        grad_base, *grad_layout = row_args(grad_rows)
+        assert grad_layout == [offset, stride_b, stride_t, align], "grad_rows: the rows' layout"
+        _bwd_kernel[(B * T,)](base, targets.reshape(-1), entropy.reshape(-1), row_max, log_sum,
+                              grad_logprobs.reshape(-1).float().contiguous(),
+                              grad_entropy.reshape(-1).float().contiguous(), grad_base,
+                              offset, stride_b, stride_t, T, V, 1.0 / temperature, ALIGN=align)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -155,20 +195,10 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature):
-        rows = rows_view(logits)  # (B, T, V)
-        B, T, V = rows.shape
-        targets = targets.reshape(-1).contiguous()  # (N,)
-        assert targets.numel() == B * T, "targets must have the logits' leading shape"
-        # outputs are tensors of their own, not views, so that callers may modify them in place
-        logprobs = torch.empty(logits.shape[:-1], device=logits.device)
-        entropy = torch.empty(logits.shape[:-1], device=logits.device)
-        row_max, log_sum = torch.empty(2, B * T, device=logits.device).unbind()
-        if B * T > 0:
-            base, offset, stride_b, stride_t, align = row_args(rows)
-            _fwd_kernel[(B * T,)](base, targets, logprobs, entropy, row_max, log_sum, offset,
-                                  stride_b, stride_t, T, V, 1.0 / temperature, ALIGN=align)
+        logprobs, entropy, row_max, log_sum = forward_rows(logits, targets, temperature)
         # a copy of the entropy (O(rows)) is saved, so that the caller may modify it in place
-        ctx.save_for_backward(logits, targets, entropy.clone(), row_max, log_sum)
+        ctx.save_for_backward(logits, targets.reshape(-1).contiguous(), entropy.clone(), row_max,
+                              log_sum)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return logprobs, entropy
@@ -177,18 +207,8 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, targets, entropy, row_max, log_sum = ctx.saved_tensors
         rows, grad_rows = rows_and_grad(logits)
-        B, T, V = rows.shape
-        # an output that does not reach the loss contributes nothing: zeros, O(rows)
-        grad_logprobs = torch.zeros_like(log_sum) if grad_logprobs is None else grad_logprobs
-        grad_entropy = torch.zeros_like(log_sum) if grad_entropy is None else grad_entropy
-        if B * T > 0:
-            base, offset, stride_b, stride_t, align = row_args(rows)
-            grad_base = row_args(grad_rows)[0]  # the same offset, strides and alignment
-            _bwd_kernel[(B * T,)](base, targets, entropy, row_max, log_sum,
-                                  grad_logprobs.reshape(-1).float().contiguous(),
-                                  grad_entropy.reshape(-1).float().contiguous(), grad_base,
-                                  offset, stride_b, stride_t, T, V, 1.0 / ctx.temperature,
-                                  ALIGN=align)
+        backward_rows(rows, targets, entropy, row_max, log_sum, grad_logprobs, grad_entropy,
+                      ctx.temperature, grad_rows)
         return grad_rows.view(logits.shape), None, None
 
 

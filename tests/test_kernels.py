@@ -533,6 +533,9 @@ def test_backward_peak_memory_on_gpu(op):
 #     rounds the gradient of its bf16 logits the same way);
 #   - d hidden = dlogits @ weight carries those errors times |weight|, V u of fp32 accumulation,
 #     and a rounding to hidden's dtype (u_c); d weight the same with hidden and N.
+# The logits path (logits that fit in the budget: one matmul, then token_logprobs) rounds the
+# logits to the compute dtype, as the model's unfused path does: Delta grows by u_c |z| there
+# (for 16-bit inputs), and every bound after it with it.
 # A missing temperature factor, a transposed operand or a dropped chunk is off by the gradient
 # itself, far beyond these.
 # u_c for bf16 is a whole unit in the last place: the interpreter rounds fp32 to bf16 towards zero
@@ -540,11 +543,16 @@ def test_backward_peak_memory_on_gpu(op):
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
 
 
-def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3):
-    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above.
-    The weight goes in as the first V rows of a (V + pad, H) leaf, as the model passes its padded
-    lm_head. With autocast_dtype, the inputs go in under torch.autocast and the truth is computed
-    from them rounded to that dtype."""
+# the budgets that make linear_logprobs take either path, at the tests' sizes
+PATHS = {"fused": 0, "logits": 2**20}
+
+
+def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3,
+                          path="fused"):
+    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above,
+    through the fused path or the logits path. The weight goes in as the first V rows of a
+    (V + pad, H) leaf, as the model passes its padded lm_head. With autocast_dtype, the inputs go
+    in under torch.autocast and the truth is computed from them rounded to that dtype."""
     dtype = autocast_dtype or hidden.dtype
     u_c = UNIT_ROUNDOFF[dtype]
     H, V = hidden.shape[-1], weight.shape[0]
@@ -560,6 +568,8 @@ def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=N
     # the bounds
     logp = torch.log_softmax(logits64.detach() / temperature, -1)
     delta = H * U * (h64.detach().abs() @ w64.detach().abs().T).amax(-1)  # (...)
+    if path == "logits" and dtype != torch.float32:
+        delta = delta + u_c * logits64.detach().abs().amax(-1)
     eps = 3 * delta / temperature + (V + 16) * U
     gains = w_lp.abs()[..., None] + w_h.abs()[..., None] * (2 + (logp + ent64[..., None]).abs())
     dlogits_error = (gains * logp.exp() * eps[..., None] / temperature
@@ -577,7 +587,7 @@ def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=N
     with torch.autocast(DEVICE, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
         lp, ent = kernels.linear_logprobs(x, w_full[:V], targets, temperature=temperature,
-                                          return_entropy=True)
+                                          return_entropy=True, logits_budget_mib=PATHS[path])
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == targets.shape
     assert_within(lp, lp64, 1e-5 + 1e-5 * lp64.abs() + 2 * delta / temperature)
     assert_within(ent, ent64,
@@ -595,19 +605,21 @@ def linear_inputs(lead, H, V, dtype):
     return hidden, weight, torch.randint(0, V, lead, device=DEVICE)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @over_dtypes_and_temperatures
-def test_linear_logprobs(dtype, temperature):
+def test_linear_logprobs(dtype, temperature, path):
     # N, H and V not multiples of the interpreter's 16-wide tiles; V over three vocabulary splits
     torch.manual_seed(0)
-    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature, path=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 50)])
-def test_linear_logprobs_shapes(lead, H, V):
+def test_linear_logprobs_shapes(lead, H, V, path):
     # V = 1 (log-prob and entropy 0, no gradient); one row; hidden (..., H) with three leading
     # dims, and V = 50 in four tiles over three splits of two tiles: the third split is empty
     torch.manual_seed(0)
-    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7)
+    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7, path=path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -620,12 +632,45 @@ def test_linear_logprobs_in_chunks(monkeypatch, dtype):
     check_linear_logprobs(*linear_inputs((21,), 24, 131, dtype), 0.7)
 
 
-def test_linear_logprobs_under_autocast():
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_logprobs_under_autocast(path):
     # the model's call: fp32 hidden states (LayerNorm output) and an fp32 weight under bf16
     # autocast, multiplied in bf16 as F.linear would, their gradients fp32
     torch.manual_seed(0)
     check_linear_logprobs(*linear_inputs((21,), 24, 67, torch.float32), 0.7,
-                          autocast_dtype=torch.bfloat16)
+                          autocast_dtype=torch.bfloat16, path=path)
+
+
+def linear_outputs(hidden, weight, targets, fn, **kwargs):
+    """Log-probs, entropy and both gradients (of a fixed random mix of the two) of fn."""
+    x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    lp, ent = fn(x, w, targets, temperature=0.7, return_entropy=True, **kwargs)
+    mix = torch.randn(2, *targets.shape, device=DEVICE,
+                      generator=torch.Generator(DEVICE).manual_seed(1))
+    return (lp, ent, *torch.autograd.grad((lp * mix[0] + ent * mix[1]).sum(), (x, w)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_logprobs_paths_agree(dtype):
+    # fp32: the two paths compute the same thing in fp32, so they agree to fp32 accuracy. Any
+    # dtype: the logits path is the model's unfused path (the logits in the input dtype, then
+    # token_logprobs), whose gradients it rounds the same way: to within one unit in the last
+    # place, the matmuls summing in another order.
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((21,), 24, 67, dtype)
+    logits_path = linear_outputs(hidden, weight, targets, kernels.linear_logprobs,
+                                 logits_budget_mib=PATHS["logits"])
+    unfused = linear_outputs(hidden, weight, targets, lambda h, w, t, **kw: token_logprobs(
+        torch.nn.functional.linear(h, w), t, **kw))
+    others = [unfused]
+    if dtype == torch.float32:
+        others.append(linear_outputs(hidden, weight, targets, kernels.linear_logprobs,
+                                     logits_budget_mib=PATHS["fused"]))
+    for other in others:
+        for a, b in zip(logits_path[:2], other[:2]):
+            torch.testing.assert_close(a, b, **FWD_TOL)
+        for a, b in zip(logits_path[2:], other[2:]):
+            torch.testing.assert_close(a, b, rtol=GRAD_RTOL[dtype], atol=1e-5)
 
 
 @pytest.mark.parametrize("tiles", range(len(linear_module.FWD_CONFIGS)))
@@ -639,11 +684,12 @@ def test_linear_logprobs_every_gpu_tile(monkeypatch, tiles):
 
 
 def test_linear_logprobs_holds_no_logits(monkeypatch):
-    # Forward and backward create no tensor of N * V elements or more (N = 20, V = 300; the
-    # weight and its gradient are 300 * 16): the backward's chunk is 64 columns here. The
-    # reference, which makes the logits, fails the check: it can fail.
+    # The fused path: forward and backward create no tensor of N * V elements or more (N = 20,
+    # V = 300; the weight and its gradient are 300 * 16): the backward's chunk is 64 columns
+    # here. The reference, which makes the logits, fails the check: it can fail.
     monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
     monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", "0")
     torch.manual_seed(0)
     hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
     hidden.requires_grad_()
@@ -654,6 +700,32 @@ def test_linear_logprobs_holds_no_logits(monkeypatch):
             lp, ent = fn(hidden, weight, targets, temperature=0.7, return_entropy=True)
             torch.autograd.grad((lp + ent).sum(), (hidden, weight))
         assert (max(n for n, _ in record.made) < 20 * 300) == ok
+
+
+def test_linear_logprobs_takes_the_logits_path_within_the_budget(monkeypatch):
+    # N = 20, V = 300 padded to 384 in bf16: 15360 bytes of logits. A budget just above takes the
+    # logits path, which makes them (N, 384) once, in the forward, and writes their gradient over
+    # them: the backward makes nothing of that size. Just below, the fused path (with a backward
+    # chunk of 64 columns): nothing of it.
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    logits_mib = 20 * 384 * 2 / 2**20
+    for budget, logits_made in ((logits_mib, 1), (logits_mib * 0.99, 0)):
+        monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", str(budget))
+        with NewTensors() as forward:
+            lp, ent = kernels.linear_logprobs(hidden, weight, targets, temperature=0.7,
+                                              return_entropy=True)
+        with NewTensors() as backward:
+            torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+        assert forward.made.count((20 * 384, torch.bfloat16)) == logits_made
+        assert max(n for n, _ in backward.made) < 20 * 384
+    monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", "lots")
+    with pytest.raises(ValueError, match="MINRLHF_LOGITS_BUDGET_MIB"):
+        kernels.linear_logprobs(hidden, weight, targets)
 
 
 def test_linear_logprobs_follows_the_dispatch(monkeypatch):
@@ -718,8 +790,9 @@ def minibatch(T, dtype):
     torch.autograd.grad((lp + ent + kl_t).sum(), logits)
     hidden = torch.randn(2 * T, 64).to(dtype).requires_grad_()
     weight = torch.randn(300, 64).to(dtype).requires_grad_()
-    lp, ent = linear._LinearLogprobs.apply(hidden, weight, targets.reshape(-1), 0.7)
-    torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+    for path in (linear._LinearLogprobs, linear._LogitsLogprobs):
+        lp, ent = path.apply(hidden, weight, targets.reshape(-1), 0.7)
+        torch.autograd.grad((lp + ent).sum(), (hidden, weight))
     x = torch.randn(2, T)
     gae._launch(x, x > 0, gamma=1.0, lam=0.95, rewards=x)
     gae._launch(x, x > 0, gamma=1.0, lam=0.95, scores=x[:, 0], logprobs=x, ref_logprobs=x,
