@@ -6,12 +6,16 @@
     python benchmarks/ppo_step.py | tee benchmarks/ppo_step-$(date +%F)-GPU.txt
 
 Workload (GPU): GPT-2 124M shape with random weights (nothing to download), vocabulary 50257 as
-a GPT-2 checkpoint has; 64 prompts whose lengths are drawn from 50 to 600 tokens (HH-RLHF-like),
-128 new tokens with EOS never sampled (so every row decodes all 128), minibatch 16, 4 PPO
-epochs, bf16. Each update draws a new batch of prompts, so a new prompt width, as PPO does: both
-paths slow down on shapes they have not seen (attention backends plan per shape, CUDA graphs are
-captured per length), so a one-update benchmark misleads. Reported: every update, then the first
-and the median of the rest, for both paths, and HF / ours per phase.
+a GPT-2 checkpoint has; 64 prompts, minibatch 16, 4 PPO epochs, bf16. Each update draws, as PPO
+on HH-RLHF brings them, a prompt width from 400 to 896 tokens (a real run's were 421-737; 896 +
+128 new tokens fill GPT-2's 1024), prompts skewed short under it (most far shorter than the
+widest), and a response length from 64 to 128 new tokens, which every row decodes (EOS never
+sampled). Both paths slow down on shapes they have not seen (attention backends plan per shape,
+CUDA graphs are captured per length, kernels compile), so a one-update benchmark misleads; the
+benchmark of 2026-12-04 drew prompt lengths from 50 to 600, whose widest was 591-599 in every
+update, and never saw a new width. On a GPU the HF path runs twice: scaled_dot_product_attention
+with cuDNN attention first ("HF") and without it ("HF nocudnn"). Reported: every update, then the
+first and the median of the rest, for every path, and HF / ours per phase.
 
 - ours: ppo.py's own pieces: the Sampler (bf16 rollout copy, static KV cache, decode step as a
   CUDA graph), response_logprobs / response_values (the lm_head on response positions only, log-probs
@@ -22,6 +26,7 @@ and the median of the rest, for both paths, and HF / ours per phase.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -38,10 +43,11 @@ from model import GPT, GPTConfig, Sampler  # noqa: E402
 from ppo import masked_whiten, policy_loss, response_logprobs, response_values, value_loss  # noqa: E402
 from reward import ensemble_scores  # noqa: E402
 
-GPU = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch=64, mini=16, new=128,
-           prompt_min=50, prompt_max=600)
-CPU = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=500, batch=8, mini=4, new=8,
-           prompt_min=5, prompt_max=40)
+# new: the range of response lengths, prompt_width: of prompt widths (one of each per update)
+GPU = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch=64, mini=16, new=(64, 128),
+           prompt_min=16, prompt_width=(400, 896))
+CPU = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=500, batch=8, mini=4, new=(4, 8),
+           prompt_min=5, prompt_width=(20, 40))
 EPOCHS, LR = 4, 1e-6
 
 
@@ -51,12 +57,26 @@ def sync(device):
 
 
 def prompt_batch(s, g, device):
-    """Left-padded (B, P) random prompts of lengths drawn from [prompt_min, prompt_max]."""
-    lengths = torch.randint(s["prompt_min"], s["prompt_max"] + 1, (s["batch"],), generator=g)
-    P = int(lengths.max())
+    """One update's left-padded (B, P) random prompts and response length: the width P drawn from
+    prompt_width, one prompt that long and the others from prompt_min up, skewed short (the
+    median an eighth of the way to P); the response length drawn from new."""
+    P = int(torch.randint(s["prompt_width"][0], s["prompt_width"][1] + 1, (1,), generator=g))
+    lengths = s["prompt_min"] + ((P - s["prompt_min"]) * torch.rand(s["batch"], generator=g) ** 3).long()
+    lengths[0] = P
     ids = torch.randint(0, s["vocab_size"] - 1, (s["batch"], P), generator=g)
     mask = (torch.arange(P)[None] >= (P - lengths)[:, None]).long()
-    return ids.to(device), mask.to(device)
+    new = int(torch.randint(s["new"][0], s["new"][1] + 1, (1,), generator=g))
+    return ids.to(device), mask.to(device), new
+
+
+def attention(cudnn):
+    """The HF path's scaled_dot_product_attention backends: cuDNN attention first (True) or not
+    at all (False); None leaves torch's own choice."""
+    if cudnn is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *others] if cudnn else others, set_priority=True)
 
 
 def advantages(old, ref, values, scores):
@@ -80,10 +100,10 @@ class Ours:
         self.sampler = Sampler(self.policy, dtype=frozen)
         self.s = s
 
-    def generate(self, ids, mask, g):
+    def generate(self, ids, mask, new, g):
         self.policy.eval()
         self.sampler.load(self.policy)
-        response = self.sampler.generate(ids, mask, self.s["new"], temperature=1.0, eos_id=None, generator=g)
+        response = self.sampler.generate(ids, mask, new, temperature=1.0, eos_id=None, generator=g)
         return torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1)
 
     @torch.no_grad()
@@ -137,11 +157,11 @@ class HuggingFace:
                                            fused=device.type == "cuda")
         self.s, self.device = s, device
 
-    def generate(self, ids, mask, g):
+    def generate(self, ids, mask, new, g):
         self.policy.eval()
         with torch.no_grad(), autocast(self.device):
-            out = self.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.s["new"],
-                                       min_new_tokens=self.s["new"], do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            out = self.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                       min_new_tokens=new, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                        pad_token_id=self.s["vocab_size"] - 1)
         return out, torch.cat([mask, torch.ones_like(out[:, ids.size(1):])], 1)
 
@@ -181,12 +201,12 @@ class HuggingFace:
                 self.optimizer.step()
 
 
-def update(path, ids, mask, g, device):
+def update(path, ids, mask, new, g, device):
     """One update through `path`; seconds per phase."""
     seconds = {}
     sync(device)
     t = time.perf_counter()
-    seq, seq_mask = path.generate(ids, mask, g)
+    seq, seq_mask = path.generate(ids, mask, new, g)
     sync(device)
     seconds["generation"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -199,6 +219,7 @@ def update(path, ids, mask, g, device):
     sync(device)
     seconds["training"] = time.perf_counter() - t
     seconds["update"] = sum(seconds.values())
+    seconds["per token"] = seconds["generation"] / new
     return seconds
 
 
@@ -214,39 +235,46 @@ def main():
     batches = [prompt_batch(s, g, device) for _ in range(args.updates)]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (a tiny shape: the GPU numbers are the ones that matter)"
     print(f"{time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}")
-    print(f"PPO update: {s['n_layer']} layers x {s['n_embd']}, V={s['vocab_size']}, {s['batch']} prompts of "
-          f"{s['prompt_min']}-{s['prompt_max']} tokens, {s['new']} new tokens (no EOS), minibatch {s['mini']}, "
-          f"{EPOCHS} epochs; a new prompt batch every update")
+    print(f"PPO update: {s['n_layer']} layers x {s['n_embd']}, V={s['vocab_size']}, {s['batch']} prompts, "
+          f"widths {s['prompt_width'][0]}-{s['prompt_width'][1]} (P), {s['new'][0]}-{s['new'][1]} new tokens (R, no EOS), "
+          f"both drawn per update, minibatch {s['mini']}, {EPOCHS} epochs")
     phases = ["generation", "scoring", "training", "update"]
+    paths = [("ours", Ours, None)]  # label, class, cuDNN attention for HF
+    paths += [("HF", HuggingFace, True), ("HF nocudnn", HuggingFace, False)] if device.type == "cuda" else \
+        [("HF", HuggingFace, None)]
     results = {}
-    for label, cls in (("ours", Ours), ("HF", HuggingFace)):
+    for label, cls, cudnn in paths:
         path = cls(s, device)
         sample_gen = torch.Generator(device=device).manual_seed(0)
         results[label] = []
-        for i, (ids, mask) in enumerate(batches):
-            seconds = update(path, ids, mask, sample_gen, device)
+        for i, (ids, mask, new) in enumerate(batches):
+            with attention(cudnn):
+                seconds = update(path, ids, mask, new, sample_gen, device)
             results[label].append(seconds)
-            print(f"{label:<5} update {i}  P={ids.size(1):4d}  " + "  ".join(f"{k} {1000 * v:9.1f} ms" for k, v in seconds.items())
-                  + f"  ({1000 * seconds['generation'] / s['new']:.2f} ms per decoded token)", flush=True)
+            print(f"{label:<10} update {i}  P={ids.size(1):4d}  R={new:4d}  "
+                  + "  ".join(f"{k} {1000 * seconds[k]:9.1f} ms" for k in phases)
+                  + f"  ({1000 * seconds['per token']:.2f} ms per decoded token)", flush=True)
         del path
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     def row(label, pick):
-        return [1000 * pick([r[p] for r in results[label]]) for p in phases]
+        return [1000 * pick([r[p] for r in results[label]]) for p in phases + ["per token"]]
 
-    print(f"\n{'ms':<26}" + "".join(f"{p:>12}" for p in phases) + f"{'ms/token':>12}")
+    print(f"\n{'ms':<32}" + "".join(f"{p:>12}" for p in phases) + f"{'ms/token':>12}")
     table = {}
-    for label in ("ours", "HF"):
+    for label in results:
         table[label, "first"] = row(label, lambda xs: xs[0])
         table[label, "median"] = row(label, lambda xs: statistics.median(xs[1:] or xs))
         for which in ("first", "median"):
-            ms = table[label, which]
-            print(f"{label + ', ' + which + (' update' if which == 'first' else ' of the rest'):<26}"
-                  + "".join(f"{v:12.1f}" for v in ms) + f"{ms[0] / s['new']:12.2f}")
-    for which in ("first", "median"):
-        ratio = [h / o for h, o in zip(table["HF", which], table["ours", which])]
-        print(f"{'HF / ours, ' + which:<26}" + "".join(f"{r:11.2f}x" for r in ratio))
+            print(f"{label + ', ' + which + (' update' if which == 'first' else ' of the rest'):<32}"
+                  + "".join(f"{v:12.1f}" for v in table[label, which][:-1]) + f"{table[label, which][-1]:12.2f}")
+    for label in results:
+        if label == "ours":
+            continue
+        for which in ("first", "median"):
+            ratio = [h / o for h, o in zip(table[label, which], table["ours", which])][:-1]
+            print(f"{label + ' / ours, ' + which:<32}" + "".join(f"{r:11.2f}x" for r in ratio))
 
 
 if __name__ == "__main__":

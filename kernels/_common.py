@@ -1,6 +1,6 @@
 """What the kernel files share: Triton itself (or a stand-in where it is not installed), the
-choice between Triton and the PyTorch reference, block sizes (autotuned on a GPU), and reading
-(..., V) logits as rows in place with wide, aligned loads."""
+choice between Triton and the PyTorch reference, block sizes (fixed per kind of shape on a GPU,
+autotuned on request), and reading (..., V) logits as rows in place with wide, aligned loads."""
 
 import os
 
@@ -13,8 +13,10 @@ try:
 except ImportError:  # macOS, for one, has no triton wheel: there the references run
     HAVE_TRITON = False
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, that is when kernels/ is imported.
+# Triton reads TRITON_INTERPRET when a kernel is decorated, that is when kernels/ is imported;
+# so is MINRLHF_AUTOTUNE (see launch_config).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("MINRLHF_AUTOTUNE") == "1"
 
 NO_TRITON = ("MINRLHF_KERNELS=triton, but Triton is not installed: it has wheels for Linux only "
              "(`pip install triton` there); unset MINRLHF_KERNELS to run the PyTorch references.")
@@ -32,8 +34,8 @@ class _NoTriton:
         return value
 
     @staticmethod
-    def jit(fn):
-        return fn
+    def jit(fn=None, **options):  # @triton.jit and @triton.jit(do_not_specialize=...)
+        return fn if fn is not None else (lambda fn: fn)
 
     @staticmethod
     def Config(kwargs, **options):
@@ -72,15 +74,48 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def autotune(configs, key, interpret, **options):
-    """Decorator for a kernel's block sizes. On a GPU: triton.autotune over `configs`, timed on the
-    first launch for each new value of the `key` arguments (a PPO run has one vocabulary and one
-    response length, so it tunes once). Under the interpreter, which would time every config on
-    the CPU, `interpret` picks them instead: {name: function of the launch arguments}, as
-    triton.heuristics takes; it reads module globals at launch, so a test can shrink the blocks."""
-    if INTERPRET:
-        return triton.heuristics(interpret)
-    return triton.autotune(configs=configs, key=key, **options)
+def launch_config(configs, key, gpu, interpret, **autotune_options):
+    """Decorator for a kernel's block sizes, warps and stages.
+
+    On a GPU, by default, `gpu(args)` gives them: a dict of the block-size names of `configs` plus
+    num_warps and num_stages, a function of the launch arguments that stay fixed through a run
+    (the vocabulary, the hidden size, the dtype), never of a batch's N or T. Nothing is timed, and
+    with the shape arguments marked do_not_specialize in each kernel, a batch of a new shape runs
+    the kernel already compiled. With autotuning per shape, the first PPO update on an H200 took
+    24.8 s, its training phase 17.6 s, mostly tuning and compiling (gpu-runs of 2026-12-04), and
+    a new response length tuned again mid-run.
+
+    MINRLHF_AUTOTUNE=1 (read at import) runs triton.autotune over `configs` instead, keyed on
+    `key` (arguments fixed through a run, plus the dtypes), with its timings cached on disk in
+    Triton's cache (cache_results=True): the first run on a machine times them, later ones read
+    them. `python -m kernels.bench` prints what it picked.
+
+    Under the interpreter `interpret(args)` gives the block sizes: small ones, so that the tests'
+    small shapes span several blocks. Both functions are attributes of the kernel (gpu_config,
+    interpret_config), called at every launch: a test may replace them."""
+    if not HAVE_TRITON:
+        return lambda fn: fn
+    if AUTOTUNE and not INTERPRET:
+        return triton.autotune(configs=configs, key=key, cache_results=True, **autotune_options)
+    names = list(configs[0].kwargs) + ([] if INTERPRET else ["num_warps", "num_stages"])
+
+    def decorate(fn):
+        def pick(args, name):
+            config = kernel.interpret_config if INTERPRET else kernel.gpu_config
+            return config(args)[name]
+        kernel = triton.heuristics({name: (lambda args, name=name: pick(args, name))
+                                    for name in names})(fn)
+        kernel.gpu_config, kernel.interpret_config = gpu, interpret
+        return kernel
+    return decorate
+
+
+def row_config(V, block):
+    """The launch config of a row kernel (one program per row of V, in blocks): blocks of `block`
+    columns, fewer for a shorter row (down to 16), 8 warps for the widest ones (16 columns, two
+    16-byte loads of bf16, per thread), fewer for narrower ones."""
+    block = min(block, max(16, triton.next_power_of_2(V)))
+    return {"BLOCK_V": block, "num_warps": max(1, min(8, block // 512)), "num_stages": 1}
 
 
 # ---- rows ------------------------------------------------------------------------------------
@@ -166,3 +201,34 @@ def rest_columns(r, head, n_full, V, BLOCK: tl.constexpr):
     lane = r + tl.arange(0, BLOCK)
     cols = tl.where(lane < head, lane, lane + n_full * BLOCK)
     return cols, lane < V - n_full * BLOCK
+
+
+@triton.jit
+def write_row_grad(block_grad: tl.constexpr, row_values, logits_ptr, grad_ptr, start, V,
+                   ALIGN: tl.constexpr, BLOCK: tl.constexpr, OPTION: tl.constexpr):
+    """In a backward kernel: the walk over one row of V logits, starting at element `start` of
+    logits_ptr, that writes its gradient at the same elements of grad_ptr (which has the logits'
+    layout: rows_and_grad), in grad_ptr's dtype. Whole blocks are loaded and stored unmasked and
+    aligned (row_blocks), then the head and the tail masked. The op's gradient of one block is
+    block_grad(z, cols, col0, in_row, row_values, WHOLE, ALIGN, BLOCK, OPTION):
+      z        the block's logits in fp32, -inf past the row (p = 0 there, so that the lanes not
+               stored stay finite); cols their columns;
+      WHOLE    (constexpr) a whole block: col0 its first column, a multiple of ALIGN from the
+               row's start; else in_row the lanes inside the row;
+      row_values  the op's own per-row values, a tuple (whose elements are runtime values);
+      OPTION   a constexpr of the op's own, passed through (kl_full: whether the reference's
+               rows are aligned as the policy's)."""
+    out_ty = grad_ptr.dtype.element_ty
+    head, n_full = row_blocks(start, V, ALIGN, BLOCK)
+    for i in range(n_full):
+        col0 = head + i * BLOCK
+        block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK)
+        z = tl.load(logits_ptr + block).to(tl.float32)
+        grad = block_grad(z, col0 + tl.arange(0, BLOCK), col0, None, row_values, True, ALIGN,
+                          BLOCK, OPTION)
+        tl.store(grad_ptr + block, grad.to(out_ty))
+    for r in range(0, V - n_full * BLOCK, BLOCK):
+        cols, in_row = rest_columns(r, head, n_full, V, BLOCK)
+        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        grad = block_grad(z, cols, None, in_row, row_values, False, ALIGN, BLOCK, OPTION)
+        tl.store(grad_ptr + start + cols, grad.to(out_ty), mask=in_row)

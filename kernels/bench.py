@@ -16,9 +16,14 @@ Shapes: token_logprobs and kl_full at N = 16384 tokens, V = 50257 (GPT-2) and 12
 bf16 logits, forward and forward + backward; gae and ppo_advantages at B = 512, T = 2048, fp32.
 The GAE references are the Python loop over T (gae_ref) and the best vectorised PyTorch we have
 (gae_doubling_ref); torch.compile gets the vectorised one, since the loop would unroll 2048 steps.
-linear_logprobs at N, H, V = 16384, 768, 50257 and 8192, 4096, 128256, bf16, forward + backward,
+linear_logprobs at N, H, V = 2048, 768, 50257 (a PPO minibatch of 16 x 128 tokens at GPT-2),
+16384, 768, 50257 and 8192, 4096, 128256, bf16, forward + backward, through each of its two paths,
 rated in TFLOP/s against its matmul floor instead of GB/s (see linear_cases).
 Without a GPU, or without Triton, it says so and exits 0.
+
+The kernels run one launch config per kind of shape; with MINRLHF_AUTOTUNE=1 they autotune
+instead, and the benchmark ends with what the autotuner picked for each kernel and key: the
+evidence for changing the fixed configs.
 """
 
 import argparse
@@ -29,12 +34,13 @@ import sys
 import torch
 
 import kernels
-from kernels._common import HAVE_TRITON, triton
+from kernels._common import AUTOTUNE, HAVE_TRITON, triton
 from kernels.gae import gae_doubling_ref
 
 N_TOKENS, VOCABS = 16384, (50257, 128256)
 B, T = 512, 2048
-LINEAR_SHAPES = ((16384, 768, 50257), (8192, 4096, 128256))  # (N, H, V): GPT-2 small, Llama 3 8B
+# (N, H, V): a PPO minibatch at GPT-2 small, a long batch at GPT-2 small, Llama 3 8B
+LINEAR_SHAPES = ((2048, 768, 50257), (16384, 768, 50257), (8192, 4096, 128256))
 DEVICE = "cuda"
 GB = 1e9
 
@@ -215,8 +221,11 @@ def ppo_advantages_cases(bandwidth):
 
 
 def linear_cases(bandwidth):
-    """linear_logprobs forward + backward (both gradients) at the two shapes of its goals, against
-    the lm_head matmul followed by token_logprobs (eager, compiled, and the Triton kernel), and
+    """linear_logprobs forward + backward (both gradients) at the shapes of its goals, through its
+    fused path ("triton") and its logits path ("triton, logits": one matmul on the vocabulary
+    padded to 128, then token_logprobs, whatever the logits' size; by default linear_logprobs
+    takes it where they fit in 1 GiB), against the lm_head matmul followed by token_logprobs
+    (eager, compiled, and the Triton kernel, all on the unpadded vocabulary), and
     Liger-Kernel's fused linear cross entropy and Cut Cross-Entropy where they import (their
     -loss per token is the log-prob; CCE filtered skips small gradient tiles, CCE exact does not).
     The op's floor is four matmuls of the logits' size (forward, one recompute, two gradients),
@@ -236,8 +245,10 @@ def linear_cases(bandwidth):
         targets = torch.randint(0, V, (N,), device=DEVICE)
         compiled = torch.compile(kernels.linear_logprobs_ref)
         providers = {
-            "triton": lambda h, w: kernels.linear_logprobs(h, w, targets),
+            "triton": lambda h, w: kernels.linear_logprobs(h, w, targets, logits_budget_mib=0),
             "matmul + torch": lambda h, w: kernels.linear_logprobs_ref(h, w, targets),
+            "triton, logits": lambda h, w: kernels.linear_logprobs(
+                h, w, targets, logits_budget_mib=float("inf")),
             "torch.compile": lambda h, w: compiled(h, w, targets),
             "matmul + triton": lambda h, w: kernels.token_logprobs(h @ w.T, targets)}
         if liger_fused_linear_cross_entropy is not None:
@@ -290,7 +301,20 @@ def main():
         if args.op in (None, name):
             cases(bandwidth)
             torch.cuda.empty_cache()
+    if AUTOTUNE:
+        print_autotuned()
     return 0
+
+
+def print_autotuned():
+    """What MINRLHF_AUTOTUNE=1 picked, per kernel and tuning key (arguments, then dtypes)."""
+    print("\nautotuned (MINRLHF_AUTOTUNE=1): kernel, key -> config")
+    for module in (kernels.logprobs, kernels.kl, sys.modules["kernels.linear_logprobs"],
+                   sys.modules["kernels.gae"]):
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, triton.runtime.Autotuner):
+                for key, config in kernel.cache.items():
+                    print(f"{module.__name__}.{name}  {key} -> {config}")
 
 
 if __name__ == "__main__":

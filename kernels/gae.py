@@ -8,29 +8,30 @@ the last valid token is 0 (the episode ends there) and every output at a masked 
 
 import torch
 
-from kernels._common import autotune, tl, triton, use_triton
+from kernels._common import launch_config, tl, triton, use_triton
 
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel takes the estimator as a constexpr int
 
 # One program per row walks its T steps backwards in chunks of BLOCK_T. Each chunk is a round trip
 # to memory (its loads, then its scan, then its stores, then the next chunk), so a row in one
-# chunk is fastest while the registers hold it: at T = 2048, 8 warps hold 8 steps per thread.
-# A GPU times these per (T, PPO), among the chunks no longer than the row needs; the interpreter,
-# whose scan is a Python loop over the lanes, uses min(INTERPRET_BLOCK_T, next power of 2 >= T).
+# chunk is fastest while the registers hold it. A GPU runs chunks of BLOCK_T steps with 4 warps
+# (8 steps a thread) whatever T is: a chunk sized to T would compile again for each new response
+# length, and GAE is a few microseconds of a PPO update either way. MINRLHF_AUTOTUNE=1 times
+# CONFIGS instead (once per kind: GAE or PPO). The interpreter, whose scan is a Python loop over
+# the lanes, uses min(INTERPRET_BLOCK_T, next power of 2 >= T).
 CONFIGS = [triton.Config({"BLOCK_T": block}, num_warps=warps)
            for block, warps in ((2048, 8), (4096, 16), (2048, 16), (1024, 4), (1024, 8),
                                 (512, 4), (256, 2), (128, 1), (64, 1))]
+BLOCK_T = 1024
 INTERPRET_BLOCK_T = 1024
 
 
-def _fitting_chunks(configs, named_args, **kwargs):
-    # a chunk longer than the row only adds masked lanes to every scan
-    longest = max(64, triton.next_power_of_2(named_args["T"]))
-    return [config for config in configs if config.kwargs["BLOCK_T"] <= longest]
+def _gpu_config(args):
+    return {"BLOCK_T": BLOCK_T, "num_warps": max(1, min(16, BLOCK_T // 256)), "num_stages": 1}
 
 
-def _interpret_chunk(args):
-    return min(INTERPRET_BLOCK_T, max(16, triton.next_power_of_2(args["T"])))
+def _interpret_config(args):
+    return {"BLOCK_T": min(INTERPRET_BLOCK_T, max(16, triton.next_power_of_2(args["T"])))}
 
 
 @triton.jit
@@ -44,9 +45,13 @@ def _compose(decay_later, adv_later, decay, delta):
     return decay_later * decay, delta + decay * adv_later
 
 
-@autotune(CONFIGS, key=["T", "PPO"], interpret={"BLOCK_T": _interpret_chunk},
-          prune_configs_by={"early_config_prune": _fitting_chunks})
-@triton.jit
+@launch_config(CONFIGS, key=["PPO"], gpu=_gpu_config, interpret=_interpret_config)
+# T and the addresses change with the batch: not specialised on (an int or address divisible by
+# 16, an int equal to 1), so that a new batch does not compile the kernel again. The loads are
+# one step at a time either way (lane i holds step end - i).
+@triton.jit(do_not_specialize=["rewards_ptr", "values_ptr", "mask_ptr", "scores_ptr",
+                               "logprobs_ptr", "ref_logprobs_ptr", "advantages_ptr",
+                               "returns_ptr", "kl_ptr", "T"])
 def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, scores_ptr, logprobs_ptr, ref_logprobs_ptr,
                 advantages_ptr, returns_ptr, kl_ptr, T, gamma, lam, kl_coef,
                 PPO: tl.constexpr, KL_ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):

@@ -18,36 +18,45 @@ compiler does.
 
 import torch
 
-from kernels._common import (autotune, rows_and_grad, rest_columns, row_args, row_blocks,
-                             row_start, rows_view, tl, triton, use_triton)
+from kernels._common import (launch_config, rest_columns, row_args, row_blocks, row_config,
+                             row_start, rows_and_grad, rows_view, tl, triton, use_triton,
+                             write_row_grad)
 from kernels.logprobs import CONFIGS
 
-INTERPRET_BLOCK_V = 4096  # the interpreter's block: min(this, next power of two >= V)
+# Blocks as in logprobs.py: a GPU's, and the interpreter's, at most this wide
+BLOCK_V = 4096
+INTERPRET_BLOCK_V = 4096
+# not specialised on, as in logprobs.py: they change with the batch
+ROW_ARGS = ["offset", "stride_b", "stride_t", "ref_offset", "ref_stride_b", "ref_stride_t", "T",
+            "V", "kl_ptr", "max_ptr", "log_sum_ptr", "ref_max_ptr", "ref_log_sum_ptr"]
 
 
-def _interpret_block(args):
-    return min(INTERPRET_BLOCK_V, max(16, triton.next_power_of_2(args["V"])))
+def _gpu_config(args):
+    return row_config(args["V"], BLOCK_V)
+
+
+def _interpret_config(args):
+    return row_config(args["V"], INTERPRET_BLOCK_V)
 
 
 @triton.jit
-def _aligned_block(logits_ptr, ref_ptr, start, ref_start, col0, ALIGN: tl.constexpr,
-                   REF_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr):
-    # A whole block of both rows from column col0, unmasked, which starts 16-byte aligned in the
-    # policy's row (row_blocks) and, when REF_ALIGNED, in the reference's: its offsets in the
-    # policy's base (where the gradient goes too), z and y.
-    block = tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V)
+def _ref_block(ref_ptr, ref_start, col0, ALIGN: tl.constexpr, REF_ALIGNED: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    # The reference's logits (fp32) in the whole block that starts at column col0, where the
+    # policy's row is 16-byte aligned (row_blocks); the reference's too when REF_ALIGNED, and then
+    # they load as wide.
     ref_block = ref_start + col0
     if REF_ALIGNED:
         ref_block = tl.multiple_of(ref_block, ALIGN)
-    z = tl.load(logits_ptr + block).to(tl.float32)
-    y = tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
-    return block, z, y
+    return tl.load(ref_ptr + ref_block + tl.arange(0, BLOCK_V)).to(tl.float32)
 
 
 @triton.jit
 def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     # One block of both rows: z, y (BLOCK_V,) fp32, in_row False in masked lanes (their values
-    # are 0 and must not count). Returns the running maxima and sums at the new maxima.
+    # are 0 and must not count). The maxima are the rows' so far (scalars); s, ref_s and u are
+    # kept per lane and added up across lanes after the row, as in logprobs.py: two reductions
+    # across the program per block (the maxima) instead of five. Returns them at the new maxima.
     m_new = tl.maximum(m, tl.max(tl.where(in_row, z, float("-inf")), axis=0))
     ref_m_new = tl.maximum(ref_m, tl.max(tl.where(in_row, y, float("-inf")), axis=0))
     alpha = tl.exp((m - m_new) * inv_temperature)  # rescales the sums so far to the new max
@@ -57,14 +66,14 @@ def _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature):
     # each old term of u gains (ref_m_new - ref_m) - (m_new - m) and the factor alpha; where p is
     # 0 (masked lanes, logits of -inf) its term is 0, not 0 * inf
     u = alpha * (u + ((ref_m_new - ref_m) - (m_new - m)) * s)
-    u += tl.sum(p * tl.where(p > 0, (z - m_new) - (y - ref_m_new), 0.0), axis=0)
-    s = alpha * s + tl.sum(p, axis=0)
-    ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + tl.sum(ref_p, axis=0)
+    u += p * tl.where(p > 0, (z - m_new) - (y - ref_m_new), 0.0)
+    s = alpha * s + p
+    ref_s = tl.exp((ref_m - ref_m_new) * inv_temperature) * ref_s + ref_p
     return m_new, ref_m_new, s, ref_s, u
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS)
 def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
                 offset, stride_b, stride_t, ref_offset, ref_stride_b, ref_stride_t, T, V,
                 inv_temperature, ALIGN: tl.constexpr, REF_ALIGNED: tl.constexpr,
@@ -77,23 +86,26 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     # the maxima start at the rows' first values, so that the first rescale multiplies finite ones
     m = tl.load(logits_ptr + start).to(tl.float32)
     ref_m = tl.load(ref_ptr + ref_start).to(tl.float32)
-    s = 0.0  # sum exp((z - m) / T)
-    ref_s = 0.0  # sum exp((y - ref_m) / T)
-    u = 0.0  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
+    s = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((z - m) / T)
+    ref_s = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((y - ref_m) / T)
+    u = tl.zeros((BLOCK_V,), tl.float32)  # sum exp((z - m) / T) ((z - m) - (y - ref_m))
     head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
     for i in range(n_full):
-        _, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V, ALIGN,
-                                 REF_ALIGNED, BLOCK_V)
-        m, ref_m, s, ref_s, u = _fwd_update(z, y, tl.full((BLOCK_V,), True, tl.int1), m, ref_m,
-                                            s, ref_s, u, inv_temperature)
+        col0 = head + i * BLOCK_V
+        z = tl.load(logits_ptr + tl.multiple_of(start + col0, ALIGN) + tl.arange(0, BLOCK_V))
+        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
+        m, ref_m, s, ref_s, u = _fwd_update(z.to(tl.float32), y,
+                                            tl.full((BLOCK_V,), True, tl.int1), m, ref_m, s,
+                                            ref_s, u, inv_temperature)
     for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
         cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
         z = tl.load(logits_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
         y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
         m, ref_m, s, ref_s, u = _fwd_update(z, y, in_row, m, ref_m, s, ref_s, u, inv_temperature)
+    s = tl.sum(s, axis=0)
     log_s = tl.log(s)
-    ref_log_s = tl.log(ref_s)
-    tl.store(kl_ptr + row, inv_temperature * u / s - (log_s - ref_log_s))
+    ref_log_s = tl.log(tl.sum(ref_s, axis=0))
+    tl.store(kl_ptr + row, inv_temperature * tl.sum(u, axis=0) / s - (log_s - ref_log_s))
     tl.store(max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
     tl.store(ref_max_ptr + row, ref_m)
@@ -101,15 +113,22 @@ def _fwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
 
 
 @triton.jit
-def _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature):
+def _block_grad(z, cols, col0, in_row, row_values, WHOLE: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK_V: tl.constexpr, REF_ALIGNED: tl.constexpr):
+    # The gradient of one block (see _common.write_row_grad):
     #   d KL / d x_v = p_v (log p_v - log q_v - KL),  and d / d z = (d / d x) / T
+    ref_ptr, ref_start, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature = row_values
+    if WHOLE:
+        y = _ref_block(ref_ptr, ref_start, col0, ALIGN, REF_ALIGNED, BLOCK_V)
+    else:
+        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
     p = tl.exp((z - m) * inv_temperature - log_s)
     log_ratio = ((z - m) - (y - ref_m)) * inv_temperature - (log_s - ref_log_s)  # log p - log q
     return grad_kl * p * tl.where(p > 0, log_ratio - kl, 0.0) * inv_temperature
 
 
-@autotune(CONFIGS, key=["V"], interpret={"BLOCK_V": _interpret_block})
-@triton.jit
+@launch_config(CONFIGS, key=["V"], gpu=_gpu_config, interpret=_interpret_config)
+@triton.jit(do_not_specialize=ROW_ARGS + ["grad_kl_ptr"])
 def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, ref_log_sum_ptr,
                 grad_kl_ptr, grad_logits_ptr, offset, stride_b, stride_t, ref_offset,
                 ref_stride_b, ref_stride_t, T, V, inv_temperature, ALIGN: tl.constexpr,
@@ -117,28 +136,12 @@ def _bwd_kernel(logits_ptr, ref_ptr, kl_ptr, max_ptr, log_sum_ptr, ref_max_ptr, 
     # One program per row; reads 2 * V logits and 6 floats, writes V gradients (logits' dtype and
     # layout, see rows_and_grad).
     row = tl.program_id(0).to(tl.int64)
-    start = row_start(row, offset, T, stride_b, stride_t)
     ref_start = row_start(row, ref_offset, T, ref_stride_b, ref_stride_t)
-    kl = tl.load(kl_ptr + row)
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(log_sum_ptr + row)
-    ref_m = tl.load(ref_max_ptr + row)
-    ref_log_s = tl.load(ref_log_sum_ptr + row)
-    grad_kl = tl.load(grad_kl_ptr + row)
-    out_ty = grad_logits_ptr.dtype.element_ty
-    head, n_full = row_blocks(start, V, ALIGN, BLOCK_V)
-    for i in range(n_full):
-        block, z, y = _aligned_block(logits_ptr, ref_ptr, start, ref_start, head + i * BLOCK_V,
-                                     ALIGN, REF_ALIGNED, BLOCK_V)
-        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
-        tl.store(grad_logits_ptr + block, grad.to(out_ty))
-    for r in range(0, V - n_full * BLOCK_V, BLOCK_V):
-        cols, in_row = rest_columns(r, head, n_full, V, BLOCK_V)
-        # z = -inf past the row: p = 0 there, so the lanes that are not stored stay finite
-        z = tl.load(logits_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        y = tl.load(ref_ptr + ref_start + cols, mask=in_row, other=0.0).to(tl.float32)
-        grad = _grad(z, y, m, log_s, ref_m, ref_log_s, kl, grad_kl, inv_temperature)
-        tl.store(grad_logits_ptr + start + cols, grad.to(out_ty), mask=in_row)
+    row_values = (ref_ptr, ref_start, tl.load(max_ptr + row), tl.load(log_sum_ptr + row),
+                  tl.load(ref_max_ptr + row), tl.load(ref_log_sum_ptr + row),
+                  tl.load(kl_ptr + row), tl.load(grad_kl_ptr + row), inv_temperature)
+    write_row_grad(_block_grad, row_values, logits_ptr, grad_logits_ptr,
+                   row_start(row, offset, T, stride_b, stride_t), V, ALIGN, BLOCK_V, REF_ALIGNED)
 
 
 def _launch_args(rows, ref_rows):

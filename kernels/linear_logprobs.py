@@ -1,7 +1,25 @@
 """linear_logprobs: token_logprobs of the logits hidden @ weight.T, straight from the hidden states
-(N, H) and the lm_head weight (V, H), forward and backward, without ever holding more than a chunk
-of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in fp32, and
-`token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
+(N, H) and the lm_head weight (V, H), forward and backward; its fused path never holds more than a
+chunk of the (N, V) logits. For N = 16384, V = 128256 those are 4 GiB in bf16 and twice that in
+fp32, and `token_logprobs(hidden @ weight.T, targets)` holds them from the forward to the backward.
+
+Two paths, chosen per call by memory. Where the logits of the vocabulary padded to a multiple of
+128, (N, V_pad) in the compute dtype, fit in a budget (logits_budget_mib, or the environment's
+MINRLHF_LOGITS_BUDGET_MIB, else LOGITS_BUDGET_MIB = 1 GiB), they are made by one cuBLAS matmul and
+held for the backward (_LogitsLogprobs): token_logprobs's kernels give the log-probs, then
+overwrite the logits with their gradient, and two cuBLAS matmuls give the gradients of hidden and
+weight. That is three matmuls where the fused path below does four in Triton's tiles, which on an
+H200 at N, H, V = 8192, 4096, 128256 took 69.4 ms, 1.40x its four-matmul floor, against 43.4 ms
+for a matmul and token_logprobs (kernels_bench.txt of 2026-12-04). The padding is for cuBLAS:
+at V = 50257 its matmul ran at 95 TFLOP/s there, which that run's notes put down to the
+unaligned vocabulary (not measured padded). Those logits round to the compute dtype (bf16 under
+autocast) as the model's unfused path rounds them; the fused path keeps them in fp32. Larger
+batches (an SFT batch of 32 x 1024 tokens: 3.3 GB at V = 50304) take the fused path, whose
+memory stays at a chunk. 1 GiB holds a PPO minibatch of 16 x 128 tokens at V = 128256 (0.5 GiB)
+and is about 1% of an 80 GB card; the budget is a guess about what a run can spare, not a
+measured crossover.
+
+The fused path follows.
 
 Math as in logprobs.py, with z = hidden @ weight.T in fp32 and everything relative to the row max m
 in the logits' own units, scaled by 1/T after (logprobs.py says why):
@@ -53,28 +71,40 @@ relatively); here it follows PyTorch's own setting for fp32 matmuls, so the kern
 F.linear would: IEEE fp32 under torch's default "highest", TF32 when the user allowed it
 (torch.set_float32_matmul_precision("high")). Under torch.autocast, as in the PPO loop, hidden
 (LayerNorm output, fp32) and the fp32 weight are first cast to the autocast dtype, as F.linear
-would, and their gradients flow back through the casts to fp32. The backward's recomputed logits
-equal the forward's up to fp32 rounding where autotuning picks different tile shapes for the two,
-so p there carries a relative error of a few ulps of |z| / T: nothing at real logits.
+would, and their gradients flow back through the casts to fp32. The backward recomputes the
+forward's logits with the same tiles (with MINRLHF_AUTOTUNE=1 the two may pick different ones:
+then they agree up to fp32 rounding, a relative error in p of a few ulps of |z| / T).
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels._common import INTERPRET, autotune, tl, triton, use_triton
-from kernels.logprobs import token_logprobs_ref
+from kernels._common import INTERPRET, launch_config, rows_view, tl, triton, use_triton
+from kernels.logprobs import backward_rows, forward_rows, token_logprobs_ref
 
 SCRATCH_BYTES = 32 * 2**20  # the backward's chunk of d loss / d logits
 CHUNK_MULTIPLE = 256  # chunk widths are a multiple of every tile width
 PROGRAMS_PER_SM = 2  # the forward splits the vocabulary until there are this many programs per SM
+LOGITS_BUDGET_MIB = 1024  # the logits path's limit on its (N, V_pad) logits (module docstring)
+VOCAB_MULTIPLE = 128  # the logits path pads the vocabulary to this, for cuBLAS
 
-# A GPU times these per shape; BLOCK_K is the same everywhere, so that the forward and the
-# backward add up the H products of a logit in the same order.
-_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3))
+# What MINRLHF_AUTOTUNE=1 times per (H, V) (and dtype); BLOCK_K is the same everywhere, so that
+# the forward and the backward add up the H products of a logit in the same order.
+_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3),
+          (64, 64, 4, 2))
 FWD_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": 64}, num_warps=warps,
                              num_stages=stages) for n, v, warps, stages in _TILES]
 GRAD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": 64}, num_warps=warps,
                               num_stages=stages) for m, h, warps, stages in _TILES]
+# What a GPU runs otherwise, whatever the shape, by the inputs' element size: 128 x 128 tiles for
+# 16-bit inputs (96 KiB of shared memory over 3 stages), 64 x 64 for fp32 ones (64 KiB over 2;
+# 128 x 256 in fp32 would need 288 KiB, more than any GPU has). Not tuned: defaults.
+TILES = {2: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_M=128, BLOCK_H=128, BLOCK_K=64, num_warps=8,
+                 num_stages=3),
+         4: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_M=64, BLOCK_H=64, BLOCK_K=64, num_warps=4,
+                 num_stages=2)}
 # The interpreter's tiles: small, so that the tests' small shapes still span several of them.
 INTERPRET_TILES = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_K": 16}
 
@@ -83,8 +113,12 @@ INTERPRET_TILES = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_M": 16, "BLOCK_H": 16, "
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
-def _interpret(*names):
-    return {name: (lambda args, name=name: INTERPRET_TILES[name]) for name in names}
+def _gpu_tiles(args):
+    return TILES[args["h_ptr"].element_size()]
+
+
+def _interpret_tiles(args):
+    return INTERPRET_TILES
 
 
 @triton.jit
@@ -111,8 +145,12 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_hn, stride_wv, PRECIS
     return z
 
 
-@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
-@triton.jit
+# N, the batch's number of rows, and the addresses of per-row values are not specialised on
+# (an int divisible by 16 or equal to 1, an address divisible by 16), so that a new batch does
+# not compile the kernels again; N only bounds masks across rows, which do not narrow the loads.
+# H and V are fixed through a run.
+@launch_config(FWD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles)
+@triton.jit(do_not_specialize=["N", "targets_ptr", "stats_ptr"])
 def _fwd_kernel(h_ptr, w_ptr, targets_ptr, stats_ptr, N, H, V, stride_hn, stride_wv,
                 inv_temperature, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -152,14 +190,15 @@ def _fwd_kernel(h_ptr, w_ptr, targets_ptr, stats_ptr, N, H, V, stride_hn, stride
     tl.store(out + 3 * splits * N, z_target, mask=in_rows)
 
 
-@autotune(FWD_CONFIGS, key=["H", "V"], interpret=_interpret("BLOCK_N", "BLOCK_V", "BLOCK_K"))
-@triton.jit
+@launch_config(FWD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles)
+@triton.jit(do_not_specialize=["N", "targets_ptr", "max_ptr", "log_sum_ptr", "entropy_ptr",
+                               "grad_logprobs_ptr", "grad_entropy_ptr"])
 def _dlogits_kernel(h_ptr, w_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
                     grad_logprobs_ptr, grad_entropy_ptr, dlogits_ptr, N, H, V, v0, width,
                     stride_hn, stride_wv, stride_dn, inv_temperature, PRECISION: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (row block, column block of the chunk [v0, v0 + width)): recomputes its logits and
-    # writes d loss / d z into dlogits (N, >= width), in that buffer's dtype.
+    # writes d loss / d z into dlogits (N, >= width), in that buffer's dtype; 0 past V.
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     chunk_cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     cols = v0 + chunk_cols
@@ -183,15 +222,16 @@ def _dlogits_kernel(h_ptr, w_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr
              mask=in_rows[:, None] & (chunk_cols[None, :] < width))
 
 
-@autotune(GRAD_CONFIGS, key=["N", "H", "width"],
-          interpret=_interpret("BLOCK_M", "BLOCK_H", "BLOCK_K"), restore_value=["dh_acc_ptr"])
-@triton.jit
-def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v0, width,
-                  stride_hn, stride_wv, stride_dn, PRECISION: tl.constexpr, FIRST: tl.constexpr,
-                  LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+@launch_config(GRAD_CONFIGS, key=["H", "V"], gpu=_gpu_tiles, interpret=_interpret_tiles,
+               restore_value=["dh_acc_ptr"])
+@triton.jit(do_not_specialize=["N"])
+def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, V, v0, width,
+                  stride_hn, stride_wv, stride_dn, first, last, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     # The first cdiv(width, BLOCK_M) * cdiv(H, BLOCK_H) programs each write a tile of d weight for
-    # the chunk's rows; the others each add a tile of d hidden (see the module's docstring).
+    # the chunk's rows; the others each add a tile of d hidden (see the module's docstring). The
+    # chunk's columns past V hold zeros. first and last (the chunk's place) are runtime values,
+    # not constexprs: one compiled kernel for every chunk.
     pid = tl.program_id(0)
     h_tiles = tl.cdiv(H, BLOCK_H)
     dw_tiles = tl.cdiv(width, BLOCK_M) * h_tiles
@@ -208,7 +248,7 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
                         mask=(ns[:, None] < N) & (hs[None, :] < H), other=0.0)
             acc = _dot(dz, h, acc, PRECISION)
         tl.store(dw_ptr + (v0 + vs[:, None]) * H + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
-                 mask=(vs[:, None] < width) & (hs[None, :] < H))
+                 mask=(vs[:, None] < width) & (v0 + vs[:, None] < V) & (hs[None, :] < H))
     else:
         # d hidden[rows, hs] += sum_{v in the chunk} dlogits[rows, v] weight[v0 + v, hs]
         pid -= dw_tiles
@@ -216,7 +256,7 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
         hs = (pid % h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
         tile = rows[:, None] * H + hs[None, :]
         in_tile = (rows[:, None] < N) & (hs[None, :] < H)
-        if FIRST:
+        if first:
             acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
         else:
             acc = tl.load(dh_acc_ptr + tile, mask=in_tile, other=0.0)
@@ -225,9 +265,9 @@ def _grads_kernel(dlogits_ptr, h_ptr, w_ptr, dw_ptr, dh_acc_ptr, dh_ptr, N, H, v
             dz = tl.load(dlogits_ptr + rows[:, None] * stride_dn + vs[None, :],
                          mask=(rows[:, None] < N) & (vs[None, :] < width), other=0.0)
             w = tl.load(w_ptr + (v0 + vs[:, None]) * stride_wv + hs[None, :],
-                        mask=(vs[:, None] < width) & (hs[None, :] < H), other=0.0)
+                        mask=(v0 + vs[:, None] < V) & (hs[None, :] < H), other=0.0)
             acc = _dot(dz, w, acc, PRECISION)
-        if LAST:
+        if last:
             tl.store(dh_ptr + tile, acc.to(dh_ptr.dtype.element_ty), mask=in_tile)
         else:
             tl.store(dh_acc_ptr + tile, acc, mask=in_tile)
@@ -257,21 +297,29 @@ def _chunk(N, V, element_size):
     return min(max(CHUNK_MULTIPLE, columns), triton.cdiv(V, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
 
 
+def _flat(hidden, weight, targets):
+    """hidden (..., H), weight (V, H), targets (...) -> (N, H), (V, H), (N,), each with unit stride
+    along its last dim, as both paths read them."""
+    assert hidden.dtype == weight.dtype in (torch.float32, torch.bfloat16, torch.float16), \
+        "hidden and weight must have the same float dtype (or run under torch.autocast)"
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    assert weight.shape == (V, H), "weight must be (V, H), with hidden (..., H)"
+    h = hidden.reshape(-1, H)  # (N, H)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    flat_targets = targets.reshape(-1).contiguous()  # (N,)
+    assert flat_targets.numel() == h.shape[0], "targets must have hidden's leading shape"
+    return h, weight, flat_targets
+
+
 class _LinearLogprobs(torch.autograd.Function):
+    # The fused path: never more than a chunk of the logits (the module's docstring).
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
-        assert hidden.dtype == weight.dtype in (torch.float32, torch.bfloat16, torch.float16), \
-            "hidden and weight must have the same float dtype (or run under torch.autocast)"
-        H = hidden.shape[-1]
-        V = weight.shape[0]
-        assert weight.shape == (V, H), "weight must be (V, H), with hidden (..., H)"
-        h = hidden.reshape(-1, H)  # (N, H)
-        h = h if h.stride(-1) == 1 else h.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        N = h.shape[0]
-        flat_targets = targets.reshape(-1).contiguous()  # (N,)
-        assert flat_targets.numel() == N, "targets must have hidden's leading shape"
+        h, weight, flat_targets = _flat(hidden, weight, targets)
+        (N, H), V = h.shape, weight.shape[0]
         inv_temperature = 1.0 / temperature
         splits = _splits(N, V, h.device)
         stats = torch.empty(4, splits, N, device=h.device)  # m, s, w, z_target per split
@@ -314,13 +362,17 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = torch.empty(V, H, dtype=weight.dtype, device=h.device)
         chunk = _chunk(N, V, h.element_size())
         dlogits = torch.empty(N, chunk, dtype=h.dtype, device=h.device)  # one chunk's d loss / dz
-        # d hidden adds up over the chunks in fp32: in its own gradient if that is fp32 or there
-        # is one chunk, else in a scratch accumulator
-        several = chunk < V and h.dtype != torch.float32
-        grad_hidden_acc = torch.empty(N, H, device=h.device) if several else grad_hidden
+        # d hidden adds up over the chunks in fp32: in its own gradient if that is fp32, else in
+        # a scratch accumulator; with one chunk there is nothing to add up, and a one-element
+        # stand-in keeps the pointer fp32, so that the kernel compiled for several chunks serves
+        grad_hidden_acc = (grad_hidden if h.dtype == torch.float32
+                           else torch.empty((N, H) if chunk < V else (1,), device=h.device))
         precision = _precision(h.dtype)
         for v0 in range(0, V, chunk):
-            width = min(chunk, V - v0)
+            # The chunk's columns, the last chunk's rounded up to 16 (those past V get d loss /
+            # dz = 0): Triton then knows every width is a multiple of 16, whatever V is, so one
+            # compiled kernel serves every chunk, and the masks along the columns allow wide loads.
+            width = min(chunk, triton.cdiv(V - v0, 16) * 16)
             _dlogits_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),
                                           triton.cdiv(width, meta["BLOCK_V"]))](
                 h, weight, targets, row_max, log_sum, entropy, grad_logprobs, grad_entropy,
@@ -329,9 +381,57 @@ class _LinearLogprobs(torch.autograd.Function):
             _grads_kernel[lambda meta: ((triton.cdiv(width, meta["BLOCK_M"])
                                          + triton.cdiv(N, meta["BLOCK_M"]))
                                         * triton.cdiv(H, meta["BLOCK_H"]),)](
-                dlogits, h, weight, grad_weight, grad_hidden_acc, grad_hidden, N, H, v0, width,
-                h.stride(0), weight.stride(0), dlogits.stride(0), PRECISION=precision,
-                FIRST=v0 == 0, LAST=v0 + width == V)
+                dlogits, h, weight, grad_weight, grad_hidden_acc, grad_hidden, N, H, V, v0, width,
+                h.stride(0), weight.stride(0), dlogits.stride(0), v0 == 0, v0 + chunk >= V,
+                PRECISION=precision)
+        return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
+
+
+def _padded_vocab(V):
+    return triton.cdiv(V, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _padded(weight):
+    """weight (V, H) as the first V rows of a (V_pad, H) tensor whose other rows are zeros: a copy,
+    unless V is a multiple of VOCAB_MULTIPLE already."""
+    V, H = weight.shape
+    if V == _padded_vocab(V):
+        return weight
+    padded = weight.new_zeros(_padded_vocab(V), H)
+    padded[:V] = weight
+    return padded
+
+
+class _LogitsLogprobs(torch.autograd.Function):
+    # The logits path: the (N, V_pad) logits, in the compute dtype, held from the forward to the
+    # backward, which overwrites them with their gradient (a second backward through the same
+    # graph would find them modified, and autograd says so).
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        h, weight, flat_targets = _flat(hidden, weight, targets)
+        V = weight.shape[0]
+        logits = h @ _padded(weight).T  # (N, V_pad)
+        logprobs, entropy, row_max, log_sum = forward_rows(logits[:, :V], flat_targets,
+                                                           temperature)
+        # a copy of the entropy (O(rows)) is saved, so that the caller may modify it in place
+        ctx.save_for_backward(h, weight, logits, flat_targets, entropy.clone(), row_max, log_sum)
+        ctx.hidden_shape = hidden.shape
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        h, weight, logits, targets, entropy, row_max, log_sum = ctx.saved_tensors
+        V = weight.shape[0]
+        rows = rows_view(logits[:, :V])  # (1, N, V): read in place, and overwritten
+        backward_rows(rows, targets, entropy, row_max, log_sum, grad_logprobs, grad_entropy,
+                      ctx.temperature, rows)
+        logits[:, V:] = 0  # the padding is in no softmax
+        grad_logits = logits  # (N, V_pad): d loss / d logits
+        grad_hidden = grad_logits @ _padded(weight)  # (N, H)
+        grad_weight = (grad_logits.T @ h)[:V]  # (V, H)
         return grad_hidden.view(ctx.hidden_shape), grad_weight, None, None
 
 
@@ -343,18 +443,40 @@ def linear_logprobs_ref(hidden, weight, targets, *, temperature=1.0, return_entr
                               return_entropy=return_entropy)
 
 
-def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+def _budget_mib(budget):
+    """The logits path's budget in MiB: `budget` if not None, else MINRLHF_LOGITS_BUDGET_MIB, else
+    LOGITS_BUDGET_MIB. Read at every call, so that a test (or a run) can change it."""
+    given = os.environ.get("MINRLHF_LOGITS_BUDGET_MIB", LOGITS_BUDGET_MIB) if budget is None \
+        else budget
+    try:
+        mib = float(given)
+    except (TypeError, ValueError):
+        mib = float("nan")
+    if not mib >= 0:
+        raise ValueError(f"The logits budget (logits_budget_mib, or MINRLHF_LOGITS_BUDGET_MIB) "
+                         f"must be a number of MiB, 0 or more, not {given!r}.")
+    return mib
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
+                    logits_budget_mib=None):
     """log softmax((hidden @ weight.T) / temperature) at `targets`, fp32 with targets' shape; with
     return_entropy=True, the tuple (logprobs, entropy). hidden (..., H), weight (V, H) (the
     lm_head's, or its first V rows), targets (...) in [0, V). Differentiable in hidden and weight.
-    The Triton path never holds more than a chunk of the (N, V) logits."""
+    The Triton path holds the (N, V) logits, padded to a multiple of 128 columns, where they fit
+    in logits_budget_mib (default: MINRLHF_LOGITS_BUDGET_MIB, else 1024), and never more than a
+    chunk of them where they do not (the module's docstring says why; a budget of 0 always takes
+    the fused path)."""
     if not use_triton(hidden):
         return linear_logprobs_ref(hidden, weight, targets, temperature=temperature,
                                    return_entropy=return_entropy)
+    budget = _budget_mib(logits_budget_mib)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would multiply, as autocast casts
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    logprobs, entropy = _LinearLogprobs.apply(hidden, weight, targets, float(temperature))
+    logits_bytes = targets.numel() * _padded_vocab(weight.shape[0]) * hidden.element_size()
+    path = _LogitsLogprobs if 0 < logits_bytes <= budget * 2**20 else _LinearLogprobs
+    logprobs, entropy = path.apply(hidden, weight, targets, float(temperature))
     logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return (logprobs, entropy) if return_entropy else logprobs

@@ -18,7 +18,11 @@ derived from its terms (above gae_fp64), not to a fixed tolerance.
 """
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +43,7 @@ gae_module = importlib.import_module("kernels.gae")
 linear_module = importlib.import_module("kernels.linear_logprobs")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FWD_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -203,6 +208,24 @@ class NewTensors(TorchDispatchMode):
         return out
 
 
+def force_config(monkeypatch, module, config):
+    """Every kernel of `module` launches with `config` (a dict of block sizes, and num_warps and
+    num_stages, which only a GPU reads): in the interpreter and on a GPU alike."""
+    launched = [k for k in vars(module).values() if hasattr(k, "gpu_config")]
+    assert launched, f"no kernel with a launch config in {module.__name__}"
+    for kernel in launched:
+        monkeypatch.setattr(kernel, "gpu_config", lambda args: config)
+        monkeypatch.setattr(kernel, "interpret_config", lambda args: config)
+
+
+def configs_to_run(configs, block):
+    """The configs that MINRLHF_AUTOTUNE=1 chooses among: all of them on a GPU; in the
+    interpreter, which ignores warps and stages, one per value of `block`."""
+    if torch.cuda.is_available():
+        return configs
+    return sorted({c.kwargs[block]: c for c in configs}.values(), key=lambda c: c.kwargs[block])
+
+
 def warm_up(fn, *args):
     """One forward and backward of fn(*args), so that on a GPU autotuning, which times the kernels
     with buffers of its own, is done before a test records allocations or peak memory."""
@@ -320,13 +343,13 @@ def test_rows_in_every_layout_and_around_a_block(monkeypatch, V, layout):
     assert grad.stride() == logits.stride()
 
 
-@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_V"] for c in kernels.logprobs.CONFIGS}))
-def test_every_gpu_block_size(monkeypatch, block):
-    # a GPU autotunes over these blocks; under the interpreter each runs here once, on rows with a
-    # head, two whole blocks and a tail
+@pytest.mark.parametrize("config", configs_to_run(kernels.logprobs.CONFIGS, "BLOCK_V"), ids=str)
+def test_every_gpu_block_size(monkeypatch, config):
+    # MINRLHF_AUTOTUNE=1 picks among these configs; each runs here once (in the interpreter, each
+    # block size), on rows with a head, two whole blocks and a tail
     for module in (kernels.logprobs, kernels.kl):
-        monkeypatch.setattr(module, "INTERPRET_BLOCK_V", block)
-    V = 2 * block + 21
+        force_config(monkeypatch, module, config.all_kwargs())
+    V = 2 * config.kwargs["BLOCK_V"] + 21
     torch.manual_seed(0)
     logits = laid_out((2,), V, torch.bfloat16, "shifted")
     check_token_logprobs(logits, torch.randint(0, V, (2,), device=DEVICE), 0.7)
@@ -510,6 +533,9 @@ def test_backward_peak_memory_on_gpu(op):
 #     rounds the gradient of its bf16 logits the same way);
 #   - d hidden = dlogits @ weight carries those errors times |weight|, V u of fp32 accumulation,
 #     and a rounding to hidden's dtype (u_c); d weight the same with hidden and N.
+# The logits path (logits that fit in the budget: one matmul, then token_logprobs) rounds the
+# logits to the compute dtype, as the model's unfused path does: Delta grows by u_c |z| there
+# (for 16-bit inputs), and every bound after it with it.
 # A missing temperature factor, a transposed operand or a dropped chunk is off by the gradient
 # itself, far beyond these.
 # u_c for bf16 is a whole unit in the last place: the interpreter rounds fp32 to bf16 towards zero
@@ -517,11 +543,16 @@ def test_backward_peak_memory_on_gpu(op):
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
 
 
-def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3):
-    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above.
-    The weight goes in as the first V rows of a (V + pad, H) leaf, as the model passes its padded
-    lm_head. With autocast_dtype, the inputs go in under torch.autocast and the truth is computed
-    from them rounded to that dtype."""
+# the budgets that make linear_logprobs take either path, at the tests' sizes
+PATHS = {"fused": 0, "logits": 2**20}
+
+
+def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=None, pad=3,
+                          path="fused"):
+    """linear_logprobs (Triton), forward and both gradients, against fp64 within the bounds above,
+    through the fused path or the logits path. The weight goes in as the first V rows of a
+    (V + pad, H) leaf, as the model passes its padded lm_head. With autocast_dtype, the inputs go
+    in under torch.autocast and the truth is computed from them rounded to that dtype."""
     dtype = autocast_dtype or hidden.dtype
     u_c = UNIT_ROUNDOFF[dtype]
     H, V = hidden.shape[-1], weight.shape[0]
@@ -537,6 +568,8 @@ def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=N
     # the bounds
     logp = torch.log_softmax(logits64.detach() / temperature, -1)
     delta = H * U * (h64.detach().abs() @ w64.detach().abs().T).amax(-1)  # (...)
+    if path == "logits" and dtype != torch.float32:
+        delta = delta + u_c * logits64.detach().abs().amax(-1)
     eps = 3 * delta / temperature + (V + 16) * U
     gains = w_lp.abs()[..., None] + w_h.abs()[..., None] * (2 + (logp + ent64[..., None]).abs())
     dlogits_error = (gains * logp.exp() * eps[..., None] / temperature
@@ -554,7 +587,7 @@ def check_linear_logprobs(hidden, weight, targets, temperature, autocast_dtype=N
     with torch.autocast(DEVICE, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
         lp, ent = kernels.linear_logprobs(x, w_full[:V], targets, temperature=temperature,
-                                          return_entropy=True)
+                                          return_entropy=True, logits_budget_mib=PATHS[path])
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == targets.shape
     assert_within(lp, lp64, 1e-5 + 1e-5 * lp64.abs() + 2 * delta / temperature)
     assert_within(ent, ent64,
@@ -572,19 +605,21 @@ def linear_inputs(lead, H, V, dtype):
     return hidden, weight, torch.randint(0, V, lead, device=DEVICE)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @over_dtypes_and_temperatures
-def test_linear_logprobs(dtype, temperature):
+def test_linear_logprobs(dtype, temperature, path):
     # N, H and V not multiples of the interpreter's 16-wide tiles; V over three vocabulary splits
     torch.manual_seed(0)
-    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature)
+    check_linear_logprobs(*linear_inputs((21,), 24, 67, dtype), temperature, path=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lead,H,V", [((3, 4), 17, 1), ((1,), 8, 5), ((2, 3, 5), 40, 50)])
-def test_linear_logprobs_shapes(lead, H, V):
+def test_linear_logprobs_shapes(lead, H, V, path):
     # V = 1 (log-prob and entropy 0, no gradient); one row; hidden (..., H) with three leading
     # dims, and V = 50 in four tiles over three splits of two tiles: the third split is empty
     torch.manual_seed(0)
-    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7)
+    check_linear_logprobs(*linear_inputs(lead, H, V, torch.bfloat16), 0.7, path=path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -597,29 +632,64 @@ def test_linear_logprobs_in_chunks(monkeypatch, dtype):
     check_linear_logprobs(*linear_inputs((21,), 24, 131, dtype), 0.7)
 
 
-def test_linear_logprobs_under_autocast():
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_logprobs_under_autocast(path):
     # the model's call: fp32 hidden states (LayerNorm output) and an fp32 weight under bf16
     # autocast, multiplied in bf16 as F.linear would, their gradients fp32
     torch.manual_seed(0)
     check_linear_logprobs(*linear_inputs((21,), 24, 67, torch.float32), 0.7,
-                          autocast_dtype=torch.bfloat16)
+                          autocast_dtype=torch.bfloat16, path=path)
+
+
+def linear_outputs(hidden, weight, targets, fn, **kwargs):
+    """Log-probs, entropy and both gradients (of a fixed random mix of the two) of fn."""
+    x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    lp, ent = fn(x, w, targets, temperature=0.7, return_entropy=True, **kwargs)
+    mix = torch.randn(2, *targets.shape, device=DEVICE,
+                      generator=torch.Generator(DEVICE).manual_seed(1))
+    return (lp, ent, *torch.autograd.grad((lp * mix[0] + ent * mix[1]).sum(), (x, w)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_logprobs_paths_agree(dtype):
+    # fp32: the two paths compute the same thing in fp32, so they agree to fp32 accuracy. Any
+    # dtype: the logits path is the model's unfused path (the logits in the input dtype, then
+    # token_logprobs), whose gradients it rounds the same way: to within one unit in the last
+    # place, the matmuls summing in another order.
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((21,), 24, 67, dtype)
+    logits_path = linear_outputs(hidden, weight, targets, kernels.linear_logprobs,
+                                 logits_budget_mib=PATHS["logits"])
+    unfused = linear_outputs(hidden, weight, targets, lambda h, w, t, **kw: token_logprobs(
+        torch.nn.functional.linear(h, w), t, **kw))
+    others = [unfused]
+    if dtype == torch.float32:
+        others.append(linear_outputs(hidden, weight, targets, kernels.linear_logprobs,
+                                     logits_budget_mib=PATHS["fused"]))
+    for other in others:
+        for a, b in zip(logits_path[:2], other[:2]):
+            torch.testing.assert_close(a, b, **FWD_TOL)
+        for a, b in zip(logits_path[2:], other[2:]):
+            torch.testing.assert_close(a, b, rtol=GRAD_RTOL[dtype], atol=1e-5)
 
 
 @pytest.mark.parametrize("tiles", range(len(linear_module.FWD_CONFIGS)))
 def test_linear_logprobs_every_gpu_tile(monkeypatch, tiles):
-    # a GPU autotunes over these tiles; under the interpreter each runs here once
-    monkeypatch.setattr(linear_module, "INTERPRET_TILES", {
-        **linear_module.FWD_CONFIGS[tiles].kwargs, **linear_module.GRAD_CONFIGS[tiles].kwargs})
+    # MINRLHF_AUTOTUNE=1 picks among these tiles; each runs here once, in the interpreter or on
+    # the GPU
+    fwd, grad = linear_module.FWD_CONFIGS[tiles], linear_module.GRAD_CONFIGS[tiles]
+    force_config(monkeypatch, linear_module, {**fwd.all_kwargs(), **grad.kwargs})
     torch.manual_seed(0)
     check_linear_logprobs(*linear_inputs((21,), 72, 67, torch.bfloat16), 0.7)
 
 
 def test_linear_logprobs_holds_no_logits(monkeypatch):
-    # Forward and backward create no tensor of N * V elements or more (N = 20, V = 300; the
-    # weight and its gradient are 300 * 16): the backward's chunk is 64 columns here. The
-    # reference, which makes the logits, fails the check: it can fail.
+    # The fused path: forward and backward create no tensor of N * V elements or more (N = 20,
+    # V = 300; the weight and its gradient are 300 * 16): the backward's chunk is 64 columns
+    # here. The reference, which makes the logits, fails the check: it can fail.
     monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
     monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", "0")
     torch.manual_seed(0)
     hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
     hidden.requires_grad_()
@@ -632,6 +702,32 @@ def test_linear_logprobs_holds_no_logits(monkeypatch):
         assert (max(n for n, _ in record.made) < 20 * 300) == ok
 
 
+def test_linear_logprobs_takes_the_logits_path_within_the_budget(monkeypatch):
+    # N = 20, V = 300 padded to 384 in bf16: 15360 bytes of logits. A budget just above takes the
+    # logits path, which makes them (N, 384) once, in the forward, and writes their gradient over
+    # them: the backward makes nothing of that size. Just below, the fused path (with a backward
+    # chunk of 64 columns): nothing of it.
+    monkeypatch.setattr(linear_module, "CHUNK_MULTIPLE", 16)
+    monkeypatch.setattr(linear_module, "SCRATCH_BYTES", 20 * 64 * 2)
+    torch.manual_seed(0)
+    hidden, weight, targets = linear_inputs((20,), 16, 300, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    logits_mib = 20 * 384 * 2 / 2**20
+    for budget, logits_made in ((logits_mib, 1), (logits_mib * 0.99, 0)):
+        monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", str(budget))
+        with NewTensors() as forward:
+            lp, ent = kernels.linear_logprobs(hidden, weight, targets, temperature=0.7,
+                                              return_entropy=True)
+        with NewTensors() as backward:
+            torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+        assert forward.made.count((20 * 384, torch.bfloat16)) == logits_made
+        assert max(n for n, _ in backward.made) < 20 * 384
+    monkeypatch.setenv("MINRLHF_LOGITS_BUDGET_MIB", "lots")
+    with pytest.raises(ValueError, match="MINRLHF_LOGITS_BUDGET_MIB"):
+        kernels.linear_logprobs(hidden, weight, targets)
+
+
 def test_linear_logprobs_follows_the_dispatch(monkeypatch):
     # MINRLHF_KERNELS=torch runs the reference (on a GPU too); unset, CPU tensors get it
     hidden, weight, targets = linear_inputs((5,), 8, 11, torch.float32)
@@ -641,6 +737,137 @@ def test_linear_logprobs_follows_the_dispatch(monkeypatch):
     monkeypatch.delenv("MINRLHF_KERNELS")
     assert torch.equal(kernels.linear_logprobs(hidden.cpu(), weight.cpu(), targets.cpu(),
                                                temperature=0.7), expected.cpu())
+
+
+# ---- one compile per run ---------------------------------------------------------------------
+
+# Run in a process of its own, without the interpreter, so that the kernels are what a GPU
+# compiles. It records the launches of PPO minibatches whose responses are 1, 16 and 37 tokens
+# long (none runs: the tensors are on the CPU), with the launch config a GPU would get; computes
+# for each the key under which Triton's JIT caches a compiled kernel, by Triton's own code
+# (JITFunction.run: every argument's type and specialisation, the constexprs, the options); then
+# compiles each distinct launch for an H100/H200 (sm_90) with Triton's compiler and ptxas. Prints
+# {kernel: [distinct keys at each T], "compiled": {kernel: shared memory in bytes}} as JSON.
+COMPILE_CHECK = r"""
+import importlib, json
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import create_function_from_signature
+
+modules = [importlib.import_module("kernels." + m)
+           for m in ("logprobs", "kl", "linear_logprobs", "gae")]
+logprobs, kl, linear, gae = modules
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+launches = []
+for module in modules:
+    for name, kernel in vars(module).items():
+        if isinstance(kernel, triton.runtime.KernelInterface) and hasattr(kernel, "fn"):
+            assert not isinstance(kernel, Autotuner), name + " autotunes without MINRLHF_AUTOTUNE=1"
+        if hasattr(kernel, "gpu_config"):
+            def record(*args, grid, warmup, name=module.__name__ + "." + name, kernel=kernel, **kw):
+                launches.append((name, kernel, args, kw))
+            kernel.run = record
+
+def bind(kernel, args, kwargs):
+    # the launch as a GPU makes it: the kernel's own arguments plus its launch config
+    jit = kernel.fn
+    config = kernel.gpu_config({**dict(zip(jit.arg_names, args)), **kwargs})
+    kwargs = {**kwargs, **{k: v for k, v in config.items()
+                           if k in jit.arg_names or k in ("num_warps", "num_stages")}}
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    return jit, kwargs, binder(*args, **kwargs)
+
+def minibatch(T, dtype):
+    # what one PPO minibatch launches, forward and backward, for 2 responses of T tokens
+    full = torch.randn(2, T + 1, 384).to(dtype)  # a vocabulary of 300 padded to 384
+    logits = full[:, :-1, :300].requires_grad_()
+    targets = torch.randint(0, 300, (2, T))
+    lp, ent = logprobs._TokenLogprobs.apply(logits, targets, 0.7)
+    kl_t = kl._KLFull.apply(logits, full[:, 1:, :300], 0.7)
+    torch.autograd.grad((lp + ent + kl_t).sum(), logits)
+    hidden = torch.randn(2 * T, 64).to(dtype).requires_grad_()
+    weight = torch.randn(300, 64).to(dtype).requires_grad_()
+    for path in (linear._LinearLogprobs, linear._LogitsLogprobs):
+        lp, ent = path.apply(hidden, weight, targets.reshape(-1), 0.7)
+        torch.autograd.grad((lp + ent).sum(), (hidden, weight))
+    x = torch.randn(2, T)
+    gae._launch(x, x > 0, gamma=1.0, lam=0.95, rewards=x)
+    gae._launch(x, x > 0, gamma=1.0, lam=0.95, scores=x[:, 0], logprobs=x, ref_logprobs=x,
+                kl_coef=0.1)
+
+# the fused path's backward in one chunk at T = 1, in 19 at T = 16 and T = 37
+linear.CHUNK_MULTIPLE, linear.SCRATCH_BYTES = 16, 40 * 16 * 2
+keys, to_compile = {}, {}
+for dtype in (torch.bfloat16, torch.float32):
+    for T in (1, 16, 37):
+        launches.clear()
+        minibatch(T, dtype)
+        for name, kernel, args, kwargs in launches:
+            jit, kwargs, (bound, spec, options) = bind(kernel, args, kwargs)
+            key = str(spec) + str(options)
+            keys.setdefault(f"{name} {dtype}", {}).setdefault(T, set()).add(key)
+            if dtype == torch.bfloat16 or name.startswith("kernels.linear"):
+                to_compile[name, key] = (jit, kwargs, bound, spec, options)
+out = {name: [sorted(by_T[T]) for T in sorted(by_T)] for name, by_T in keys.items()}
+out["compiled"] = {}
+for (name, _), (jit, kwargs, bound, spec, options) in to_compile.items():
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, spec, options)
+    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    out["compiled"][name] = max(out["compiled"].get(name, 0), compiled.metadata.shared)
+print(json.dumps(out))
+"""
+
+
+def run_kernels_process(code, **env):
+    """Runs `code` in a Python process that imports kernels/ as a GPU machine does: without the
+    interpreter (and with env added); returns its stdout."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_new_batch_shape_compiles_nothing_new():
+    # Issue 24: on an H200 the first PPO update took 24.8 s, 17.6 s of it autotuning and
+    # compiling, and each new response length tuned and compiled again (the chunk width and
+    # FIRST / LAST were in the keys). Here every kernel launched for responses of 1, 16 and 37
+    # tokens (1 and multiples of 16 are what Triton specialises on) must have the same compile
+    # keys, and everything must compile for sm_90 within its shared memory (227 KiB a block): a
+    # fixed launch config has no autotuner to skip one that does not fit. It fails on the
+    # kernels before this change: FIRST and LAST were constexprs, N and T were specialised on.
+    out = json.loads(run_kernels_process(COMPILE_CHECK))
+    compiled = out.pop("compiled")
+    assert len(out) == 2 * 8  # every kernel, in bf16 and fp32
+    for name, keys_by_T in out.items():
+        assert len(keys_by_T) == 3, f"{name} was not launched for every T"
+        assert all(keys == keys_by_T[0] for keys in keys_by_T), \
+            f"{name} compiles again for a new T:\n" + "\n".join(map(str, keys_by_T))
+    assert len(compiled) == 8 and max(compiled.values()) <= 227 * 1024, compiled
+
+
+def test_autotuning_is_opt_in_and_cached():
+    # MINRLHF_AUTOTUNE=1 makes every kernel a triton.autotune over its CONFIGS, with the timings
+    # cached on disk; without it (test_a_new_batch_shape_compiles_nothing_new) none autotunes.
+    out = run_kernels_process(
+        "import importlib, triton\n"
+        "from triton.runtime.autotuner import Autotuner\n"
+        "for m in ('logprobs', 'kl', 'linear_logprobs', 'gae'):\n"
+        "    module = importlib.import_module('kernels.' + m)\n"
+        "    for name, k in vars(module).items():\n"
+        "        if isinstance(k, Autotuner):\n"
+        "            print(m, name, len(k.configs), k.cache_results)\n",
+        MINRLHF_AUTOTUNE="1")
+    tuned = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines()}
+    configs = {"logprobs": kernels.logprobs.CONFIGS, "kl": kernels.logprobs.CONFIGS,
+               "linear_logprobs": linear_module.FWD_CONFIGS, "gae": gae_module.CONFIGS}
+    assert len(tuned) == 8
+    for (module, name), (n_configs, cached) in tuned.items():
+        assert int(n_configs) == len(configs[module]) > 1 and cached == "True", (module, name)
 
 
 # ---- gae and ppo_advantages ------------------------------------------------------------------
@@ -680,13 +907,13 @@ def test_gae_in_short_chunks(monkeypatch):
     test_ppo_advantages(4, 37, "k3")
 
 
-@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK_T"] for c in gae_module.CONFIGS}))
-def test_gae_every_gpu_chunk(monkeypatch, block):
-    # a GPU autotunes over these chunk lengths; under the interpreter each runs here once, over
-    # a chunk and a bit (one row, T one past the chunk)
-    monkeypatch.setattr(gae_module, "INTERPRET_BLOCK_T", block)
+@pytest.mark.parametrize("config", configs_to_run(gae_module.CONFIGS, "BLOCK_T"), ids=str)
+def test_gae_every_gpu_chunk(monkeypatch, config):
+    # MINRLHF_AUTOTUNE=1 picks among these chunk lengths; each runs here once, over a chunk and
+    # a bit (one row, T one past the chunk)
+    force_config(monkeypatch, gae_module, config.all_kwargs())
     torch.manual_seed(0)
-    T = block + 1
+    T = config.kwargs["BLOCK_T"] + 1
     lengths = torch.tensor([T])
     rewards, values = torch.randn(2, 1, T, device=DEVICE)
     advantages64, returns64, advantages_bound, returns_bound = gae_fp64(rewards, values, lengths,
