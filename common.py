@@ -187,6 +187,34 @@ def all_reduce_mean(x, d):
     return t.item() if t.dim() == 0 else t
 
 
+def import_transformers():
+    """Hugging Face transformers (tests and benchmarks only: the parity checks and the HF path).
+    Its optional integration of Hugging Face's own `kernels` package imports a top-level
+    `kernels` when transformers is imported, which from this project's root would be this
+    project's kernels/ (ImportError: cannot import name 'CUDAProperties'). So transformers is
+    imported with the root off sys.path and ours out of sys.modules, then ours is put back; what
+    transformers bound at import keeps pointing at the other package. And from_pretrained would
+    swap layers for kernels downloaded from the Hub (transformers 5.25 does so by default when
+    `kernels` is installed): the parity checks want transformers' own PyTorch code, and nothing
+    here can download, so USE_HUB_KERNELS=NO unless the environment says otherwise."""
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    if "transformers" in sys.modules:
+        return sys.modules["transformers"]
+    root = os.path.dirname(os.path.abspath(__file__))
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "kernels" or k.startswith("kernels.")}
+    path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    try:
+        import transformers
+        import transformers.modeling_utils  # noqa: F401  (what imports the kernels integration)
+    finally:
+        sys.path[:] = path
+        for k in [k for k in sys.modules if k == "kernels" or k.startswith("kernels.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return transformers
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import autocast, compute_dtype, make_optimizer  # noqa: E402
+from common import autocast, compute_dtype, import_transformers, make_optimizer  # noqa: E402
 from kernels import ppo_advantages  # noqa: E402
 from model import GPT, GPTConfig, Sampler  # noqa: E402
-from ppo import masked_whiten, policy_loss, response_logprobs, response_values, value_loss  # noqa: E402
-from reward import ensemble_scores  # noqa: E402
+from losses import masked_whiten, policy_loss, value_loss  # noqa: E402
+from rollout import Rollout, response_logprobs, response_values  # noqa: E402
+from scoring import last_token_scores  # noqa: E402
 
 # new: the range of response lengths, prompt_width: of prompt widths (one of each per update)
 GPU = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch=64, mini=16, new=(64, 128),
@@ -86,6 +87,11 @@ def advantages(old, ref, values, scores):
     return old, values, masked_whiten(adv, mask), returns, mask
 
 
+def as_rollout(seq, seq_mask, P):
+    """The benchmark's sequences as rollout.Rollout: every response runs to its end (no EOS)."""
+    return Rollout(seq, seq_mask, P, [""] * len(seq), torch.ones(len(seq), dtype=torch.bool, device=seq.device))
+
+
 class Ours:
     """ppo.py's update, phase by phase."""
 
@@ -108,25 +114,24 @@ class Ours:
 
     @torch.no_grad()
     def score(self, seq, seq_mask, P):
-        mini, out = self.s["mini"], []
+        mini, out, rollout = self.s["mini"], [], as_rollout(seq, seq_mask, P)
         for i in range(0, len(seq), mini):
-            c = slice(i, i + mini)
-            out.append((response_logprobs(self.policy, seq[c], seq_mask[c], P, 1.0),
-                        response_logprobs(self.ref, seq[c], seq_mask[c], P, 1.0),
-                        response_values(self.value, seq[c], seq_mask[c], P),
-                        ensemble_scores([self.reward], seq[c], seq_mask[c])[0]))
+            c = rollout[i:i + mini]
+            out.append((response_logprobs(self.policy, c, 1.0), response_logprobs(self.ref, c, 1.0),
+                        response_values(self.value, c), last_token_scores(self.reward, c.seq, c.seq_mask)))
         return advantages(*(torch.cat(x) for x in zip(*out)))
 
     def train(self, seq, seq_mask, P, old, old_values, advantages, returns, mask):
         self.policy.train()
         self.value.train()
         mini = self.s["mini"]
+        rollout = as_rollout(seq, seq_mask, P)
         for _ in range(EPOCHS):
             for i in range(0, len(seq), mini):
                 c = slice(i, i + mini)
-                logprobs, _ = response_logprobs(self.policy, seq[c], seq_mask[c], P, 1.0, return_entropy=True)
+                logprobs, _ = response_logprobs(self.policy, rollout[c], 1.0, return_entropy=True)
                 pg, _ = policy_loss(logprobs, old[c], advantages[c], mask[c], 0.2)
-                vf, _ = value_loss(response_values(self.value, seq[c], seq_mask[c], P), old_values[c], returns[c], mask[c], 0.2)
+                vf, _ = value_loss(response_values(self.value, rollout[c]), old_values[c], returns[c], mask[c], 0.2)
                 self.optimizer.zero_grad(set_to_none=True)
                 (pg + 0.1 * vf).backward()
                 self.optimizer.step()
@@ -136,7 +141,7 @@ class HuggingFace:
     """The same update the way TRL's PPO does it: GPT2LMHeadModel.generate, log_softmax + gather."""
 
     def __init__(self, s, device):
-        import transformers
+        transformers = import_transformers()
         config = transformers.GPT2Config(vocab_size=s["vocab_size"], n_positions=s["block_size"], n_layer=s["n_layer"],
                                          n_head=s["n_head"], n_embd=s["n_embd"], resid_pdrop=0.0, embd_pdrop=0.0,
                                          attn_pdrop=0.0)

@@ -11,3 +11,10 @@ if not torch.cuda.is_available():
 # Tests import the stage scripts and packages from the repo root, as `python sft.py` would.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# transformers (the parity tests) imported once, beside this project's kernels/: see common.import_transformers
+try:
+    from common import import_transformers
+    import_transformers()
+except ImportError:
+    pass  # not installed: the tests that need it skip
