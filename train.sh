@@ -16,6 +16,7 @@
 #   SEED=1 ./train.sh        # another seed for every stage (sampling, rating and training)
 #   METHOD=ppo ./train.sh    # PPO only; METHOD="grpo dpo" any of ppo, grpo, rloo, reinforce_pp and dpo (both: ppo dpo, the default)
 #   OVERWRITE=1 ./train.sh   # start again in an OUT that already holds a run (without it, that is refused)
+#   ARCH=llama ./train.sh    # the policy a new Llama-family model (RoPE, RMSNorm, SwiGLU, 2 key/value heads for 4) instead of GPT-2
 #   ROUNDS=3 ./train.sh      # rounds 2 and 3 (in out/round2/, out/round3/): the latest policy answers the
 #                            # next N_PREF train prompts, the raters rank them, the reward model is trained
 #                            # again on every ranking so far, PPO and DPO continue, the reference stays SFT
@@ -29,12 +30,15 @@ SEED=${SEED:-0}
 NPROC=${NPROC:-1}
 METHOD=${METHOD:-both}
 ROUNDS=${ROUNDS:-1}
+ARCH=${ARCH:-gpt2}
 [ "$METHOD" = both ] && METHOD="ppo dpo"
 METHODS=(${METHOD//,/ })
 for m in "${METHODS[@]}"; do
     case "$m" in ppo|grpo|rloo|reinforce_pp|dpo) ;;
         *) echo "train.sh: METHOD may name ppo, grpo, rloo, reinforce_pp and dpo, not '$m'" >&2; exit 1 ;; esac
 done
+case "$ARCH" in gpt2) ARCH_ARGS="" ;; llama) ARCH_ARGS="--arch llama --n_kv_head 2" ;;
+    *) echo "train.sh: ARCH must be gpt2 or llama, not '$ARCH'" >&2; exit 1 ;; esac
 if [ -e "$OUT/seconds.txt" ] && [ "${OVERWRITE:-0}" != 1 ]; then
     echo "train.sh: $OUT already holds a run; start again with OVERWRITE=1, or give another OUT" >&2
     exit 1
@@ -78,7 +82,7 @@ mkdir -p "$OUT"
 SFT="$OUT/sft/ckpt.pt"
 
 echo "== 1. SFT"
-timed sft run sft.py --out "$OUT/sft" --seed "$SEED" "${OW[@]}" $SFT_ARGS
+timed sft run sft.py --out "$OUT/sft" --seed "$SEED" "${OW[@]}" $ARCH_ARGS $SFT_ARGS
 
 one_round() {  # one_round R: rankings of the latest policy's samples, then each method, then eval
     local r=$1 dir="$OUT" all m
