@@ -14,7 +14,8 @@ given word, or without it.
   opens with "ok:", repeats a word or strays to another topic's word.
 - Gold: 2 x the mean over the constraints of 1 (kept) down to -0.5 (broken), where a length is
   always one of them (the count asked, else 3-8 words: a description), 1 point for the share of
-  non-filler words on the topic, -0.5 for a repeated word. Best possible: 3.0.
+  non-filler words on the topic, -0.5 for a repeated word. Best possible: 3.0; the demonstrator's
+  mean on the test prompts is 1.62.
 - Why it is hard for a reward model: whether a constraint is kept depends on counting words and on
   reading which instruction the prompt gives, while the surface says little: the same word W is
   right at the end for "ending with W" and wrong anywhere for "without the word W". In the
