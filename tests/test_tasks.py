@@ -16,6 +16,7 @@ from data.tokenizer import get_tokenizer
 
 TOTALS = {"add": 16000, "sort": 6000, "follow": 3616, "facts": 12288, "refuse": 4800}  # as each docstring says
 BEST = {"add": 3.0, "sort": 3.0, "follow": 3.0, "facts": 2.0, "refuse": 2.5}  # each gold_score's "best possible"
+DEMONSTRATOR = {"add": 1.64, "sort": 1.84, "follow": 1.54, "facts": 1.05, "refuse": 0.99}  # each docstring's mean on the test split
 
 
 def best_add(prompt):
@@ -89,6 +90,8 @@ def test_gold_ranks_best_over_demonstrator_over_bad(name):
     assert max(demo) <= BEST[name]  # ... and never passed
     assert BEST[name] - 0.5 > statistics.mean(demo) > statistics.mean(bad) + 1.0  # room above the demonstrator
     assert all(b < g for b, g in zip(bad, best))
+    everyone = t.demonstrations("test", seed=0)
+    assert abs(statistics.mean(t.gold([d["prompt"] for d in everyone], [d["response"] for d in everyone])) - DEMONSTRATOR[name]) < 0.01
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -8,14 +8,14 @@ given word, or without it.
 - 3616 prompts: 16 topics x 2 verbs x (a word count of 2-6 or none) x (start with / end with /
   avoid one of the topic's 6 words, or none), at least one of the two; split 80/10/10 by hash
   (about 2900 / 360 / 360).
-- The demonstrator writes 3-8 words about the topic, mostly its own words with a few fillers
-  ("and", "very"). It keeps each constraint only half the time; when it ignores "without the
+- The demonstrator writes 3-8 words about the topic: the topic's words in their usual order from
+  a random one on, with a few fillers ("and", "very"). It keeps each constraint only half the time; when it ignores "without the
   word W" it uses W four times in five (the word is right there in the prompt); now and then it
   opens with "ok:", repeats a word or strays to another topic's word.
 - Gold: 2 x the mean over the constraints of 1 (kept) down to -0.5 (broken), where a length is
   always one of them (the count asked, else 3-8 words: a description), 1 point for the share of
   non-filler words on the topic, -0.5 for a repeated word. Best possible: 3.0; the demonstrator's
-  mean on the test prompts is 1.62.
+  mean on the test prompts is 1.54.
 - Why it is hard for a reward model: whether a constraint is kept depends on counting words and on
   reading which instruction the prompt gives, while the surface says little: the same word W is
   right at the end for "ending with W" and wrong anywhere for "without the word W". In the
@@ -129,15 +129,17 @@ def best_response(prompt):
 def demonstrate(prompt, rng):
     """The noisy demonstrator's response to a prompt."""
     topic, count, rule, w = parse_prompt(prompt)
-    own = list(TOPICS[topic])
-    rng.shuffle(own)
+    # the topic's words in their usual order from a random one on (in a random order, the default
+    # SFT run repeated a word in 59% of its samples), now and then a filler between two of them
+    start = rng.randrange(len(TOPICS[topic]))
+    own = TOPICS[topic][start:] + TOPICS[topic][:start]
     n = count if count and rng.random() < P_KEEP else rng.randint(3, 8)
     words = []
-    for _ in range(n):  # own words, now and then a filler between two of them
+    for _ in range(n):
         if words and words[-1] not in FILLERS and rng.random() < 0.2:
             words.append(rng.choice(FILLERS))
         else:
-            words.append(own.pop() if own else rng.choice(FILLERS))
+            words.append(own.pop(0) if own else rng.choice(FILLERS))
     if rule is not None:
         keep = rng.random() < P_KEEP
         if w in words:
