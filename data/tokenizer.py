@@ -4,7 +4,8 @@ eot_token, n_vocab, name):
 
 - "task": the built-in task's own byte-level BPE, trained here on the task's text in well
   under a second, so the default run needs nothing from the internet and has a small vocabulary
-  (a few hundred tokens: a small embedding, a fast softmax on a CPU).
+  (a few hundred tokens: a small embedding, a fast softmax on a CPU). "task:NAME" is the same
+  for a task of the suite in data/tasks (task:sort, task:follow, task:facts, task:refuse).
 - "gpt2": GPT-2's BPE (50,257 tokens), for models imported from GPT-2 checkpoints; offline, from
   the local file that $MINRLHF_GPT2_BPE names (see gpt2_tokenizer).
 - a directory holding a Hugging Face tokenizer.json (Llama, Qwen): read with the `tokenizers`
@@ -65,16 +66,19 @@ def _merge(word, a, b):
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="task"):
     """The tokenizer a checkpoint records by name."""
-    if name == "task":
+    if name == "task" or name.startswith("task:"):  # "task:sort": a task of data/tasks/, trained the same way
         from data import task
-        ranks = train_bpe(task.corpus(), n_merges=task.BPE_MERGES)
-        return tiktoken.Encoding(name="task", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+        from data.tasks import get_task
+        t = task if name == "task" else get_task(name[len("task:"):])
+        ranks = train_bpe(t.corpus(), n_merges=t.BPE_MERGES)
+        return tiktoken.Encoding(name=name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                  special_tokens={EOT: len(ranks)})
     if name == "gpt2":
         return gpt2_tokenizer()
     if os.path.isdir(name):
         return HFTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r} (known: task, gpt2, or a directory holding tokenizer.json)")
+    raise ValueError(f"unknown tokenizer {name!r} (known: task, task:NAME for a task of data/tasks, gpt2, or a "
+                     f"directory holding tokenizer.json)")
 
 
 GPT2_BPE_ENV = "MINRLHF_GPT2_BPE"  # path of a local r50k_base.tiktoken, for machines without internet
