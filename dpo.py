@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, check_tokenizers, cleanup, \
     compute_dtype, done_line, load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, \
     token_batches
-from data import task
+from data.tasks import from_spec, task_of
 from data.formats import load_rankings
 from data.tokenizer import get_tokenizer, ranking_data
 from losses import best_nll, dpo_loss
@@ -44,7 +44,7 @@ from rollout import encode_prompts, exact_kl, generate, sequence_logprobs, task_
 
 @dataclass
 class Config(RunConfig):
-    data: str = "task"  # rankings / preference pairs JSONL (.gz too), as reward.py reads them; "task": --init's samples ranked by the simulated raters
+    data: str = "task"  # rankings / preference pairs JSONL (.gz too), as reward.py reads them; "task" ("task:sort", ...): --init's samples ranked by the task's simulated raters
     task_prompts: int = 2000  # --data task: how many train prompts to sample and rank
     val_data: str = ""  # held-out rankings; default: the prompts of --data whose hash falls in val_frac
     val_frac: float = 0.1  # share of prompts held out when there is no --val_data
@@ -96,8 +96,9 @@ def main():
 
     # ---- data: rankings -> ([(prompt_ids, response_ids)], pairs, row), split by prompt as reward.py does
     stats = {}
-    if cfg.data == "task":
-        rows = task_rankings(model, cfg.task_prompts, cfg.seed)
+    task = from_spec(cfg.data)
+    if task:
+        rows = task_rankings(model, task, cfg.task_prompts, cfg.seed)
         stats["rows"] = len(rows)
     else:
         rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
@@ -214,7 +215,8 @@ def evaluate(cfg, model, ref, val, ref_val, kl_prompts, max_tokens):
     rollout = generate(Sampler(model, dtype=compute_dtype(device)), prompt_ids, max_new_tokens=cfg.max_new_tokens,
                        generator=torch.Generator(device=device).manual_seed(cfg.seed))
     metrics["val/kl_exact"] = exact_kl(model, ref, rollout, 1.0, len(kl_prompts)).mean().item()
-    if all(task.is_task_prompt(p) for p in kl_prompts):
+    task = task_of(kl_prompts)
+    if task is not None:
         metrics["val/gold"] = sum(task.gold(kl_prompts, rollout.texts)) / len(kl_prompts)
     model.train()
     return metrics

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from common import check, check_tokenizers, compute_dtype, load_model, parse_config, pick_device, run_main, token_batches
-from data import task
-from data.formats import DataError, load_demonstrations, load_prompts
+from data.tasks import from_spec, task_of
+from data.formats import DataError, get_prompts, load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer
 from judges import judge_fn
 from model import Sampler
@@ -42,9 +42,9 @@ class Config:
     reward: str = ""  # reward model checkpoint, for rm_score
     ref: str = ""  # reference policy (usually SFT), for the KL
     judge: str = ""  # a judge FILE.py:fn(prompts, responses) -> [float]: its mean score, and the win rate under it
-    prompts: str = "task"  # prompts JSONL, or "task" for the built-in task's test prompts
+    prompts: str = "task"  # prompts JSONL, or "task" for the built-in task's test prompts ("task:sort", ...: a task of the suite)
     n: int = 400  # how many prompts (0: all)
-    demos: str = "task"  # held-out demonstrations for perplexity ("task": the task's val split; "": skip)
+    demos: str = "task"  # held-out demonstrations for perplexity ("task", "task:sort": that task's val split; "": skip)
     out: str = "out/eval.json"  # JSON results
     show: int = 5  # print this many prompts with the responses side by side (and keep them in the JSON)
     max_new_tokens: int = 40  # longest response in tokens
@@ -108,16 +108,16 @@ def win_rate(a, b):
 def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
-    prompts = task.prompts("test") if cfg.prompts == "task" else load_prompts(cfg.prompts)
-    prompts = prompts[:cfg.n] if cfg.n else prompts
+    prompts = get_prompts(cfg.prompts, "test", cfg.n)
     if not prompts:
         raise DataError(f"{cfg.prompts}: no prompts")
-    on_task = all(task.is_task_prompt(p) for p in prompts)
+    task = task_of(prompts)  # a task of the suite: its hidden gold judges the responses
     reward_models = load_ensemble(cfg.reward, device, flag="--reward") if cfg.reward else []
     ref_model = load_model(cfg.ref, kind="policy", device=device, flag="--ref").eval() if cfg.ref else None
     judge = judge_fn(cfg.judge) if cfg.judge else None
-    if cfg.demos == "task":
-        demos = task.demonstrations("val", 500, seed=1)
+    demo_task = from_spec(cfg.demos)
+    if demo_task:
+        demos = demo_task.demonstrations("val", 500, seed=1)
     else:
         demos = load_demonstrations(cfg.demos) if cfg.demos else []
 
@@ -133,7 +133,7 @@ def main():
         samples[path] = r["responses"]
         m = {"rm_score": mean(r["rm_score"]), "kl_exact": mean(r["kl"]), "eos_rate": mean(r["ended"]),
              "resp_words": mean([len(t.split()) for t in r["responses"]])}
-        if on_task:
+        if task is not None:
             r["gold"] = [task.gold_score(p, t) for p, t in zip(prompts, r["responses"])]
             m["gold"] = mean(r["gold"])
             judged = [task.judge(p, t) for p, t in zip(prompts, r["responses"])]
@@ -150,7 +150,7 @@ def main():
         if "criteria" in m:
             print("  gold criteria: " + " | ".join(f"{k} {v:.2f}" for k, v in m["criteria"].items()))
 
-    scorers = {"gold": "the gold judge"} if on_task else {}  # the scores a response is judged by
+    scorers = {"gold": "the gold judge"} if task is not None else {}  # the scores a response is judged by
     if judge is not None:
         scorers["judge"] = f"the judge {cfg.judge}"
     for key, name in scorers.items() if cfg.compare else ():

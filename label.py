@@ -47,7 +47,7 @@ class Config:
     out: str = "rankings.jsonl"  # rankings JSONL; every answer is appended to it at once
     rater: str = ""  # your name, written with each answer; default: your login name
     init: str = ""  # policy checkpoint to sample responses from
-    prompts: str = "task"  # with --init: prompts JSONL, or "task" for the built-in task
+    prompts: str = "task"  # with --init: prompts JSONL, or "task" for the built-in task ("task:sort", ...: a task of the suite)
     split: str = "train"  # built-in task: train / val / test prompts
     n: int = 0  # how many prompts (0: all)
     k: int = 4  # responses per prompt (with --init)

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from common import Batches, ConfigError, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, \
     check_tokenizers, cleanup, compute_dtype, done_line, keep_rows, load_model, make_optimizer, parse_config, print0, \
     run_main, save_checkpoint, setup
-from data import task
+from data.tasks import from_spec, task_of
 from data.formats import DataError, held_out_prompts, load_prompts
 from data.tokenizer import get_tokenizer
 from judges import judge_fn
@@ -71,7 +71,7 @@ from scoring import load_ensemble, member_scores, rollout_score
 
 @dataclass
 class Config(RunConfig):
-    data: str = "task"  # prompts JSONL (.gz too), or "task" for the built-in task's train prompts
+    data: str = "task"  # prompts JSONL (.gz too), or "task" for the built-in task's train prompts ("task:sort", ...: a task of the suite)
     init: str = "out/sft/ckpt.pt"  # SFT checkpoint: the policy starts here and stays the frozen reference
     ref: str = ""  # the frozen reference for the KL penalty; default: --init (a later round starts --init from its last policy and keeps SFT here)
     reward: str = ""  # reward model checkpoint (an ensemble's ckpt.pt loads every member); default out/reward/ckpt.pt, none with --reward_fn alone
@@ -185,7 +185,8 @@ def load_data(cfg, d, enc, max_prompt):
     """(prompts, their token ids, held-out prompts, their ids, stats): the prompts to train on,
     and those evaluated on but never trained on."""
     stats = {}
-    if cfg.data == "task":
+    task = from_spec(cfg.data)
+    if task:
         prompts = task.prompts("train")
         stats["rows"] = len(prompts)
     else:
@@ -226,7 +227,7 @@ def main():
     best_key = "eval/judge" if cfg.judge else "eval/score"  # the score that picks OUT/best.pt
     enc = get_tokenizer(m.policy.config.tokenizer)
     prompts, prompt_ids, eval_prompts, eval_ids, stats = load_data(cfg, d, enc, m.policy.config.block_size - cfg.max_new_tokens)
-    on_task = all(task.is_task_prompt(p) for p in prompts[:100])  # then the hidden gold score is logged, never trained on
+    task = task_of(prompts[:100])  # a task of the suite: its hidden gold score is logged, never trained on
     print0(f"policy {m.policy.num_params() / 1e6:.2f}M parameters, --advantage {cfg.advantage}"
            f"{f', value model {m.value.num_params() / 1e6:.2f}M' if m.value else ' (no value model)'}; "
            f"{len(m.reward_models)} reward model(s){', judge ' + cfg.reward_fn if cfg.reward_fn else ''}; "
@@ -257,7 +258,7 @@ def main():
     if m.ref_sampler and eval_prompts:
         ref_generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1 + d.world_size + d.rank)
         eval_baseline = reference_scores(cfg, m, eval_ids[d.rank::d.world_size], ref_generator, local_mini)
-    evaluation = Evaluation(cfg, d, m, eval_prompts, eval_ids, on_task, local_mini, eval_baseline)
+    evaluation = Evaluation(cfg, d, m, eval_prompts, eval_ids, task, local_mini, eval_baseline)
 
     t_start, stop = time.time(), None
     bar = tqdm(range(start + 1, cfg.updates + 1), desc=cfg.advantage, disable=None if d.master else True,
@@ -297,7 +298,7 @@ def main():
             kl_coef *= 1 + error * cfg.batch_size / cfg.kl_horizon
 
         # ---- log
-        gold = task.gold(batch_prompts, rollout.texts) if on_task else None  # monitoring only: never trained on
+        gold = task.gold(batch_prompts, rollout.texts) if task else None  # monitoring only: never trained on
         metrics = update_metrics(cfg, d, rollout, r, step_stats, kl_per_response, mean_kl, kl_coef, gold)
         seconds = t_gen + t_score + t_train
         metrics.update({"tok/s": round(float(rollout.seq_mask.sum()) * d.world_size / seconds), "time/generation": t_gen,
@@ -477,9 +478,9 @@ class Evaluation:
     samples are drawn with the same seed every time, so a curve shows the policy, not the noise.
     baseline (K, mine): the members' scores of the reference's responses (--spread_vs_ref)."""
 
-    def __init__(self, cfg, d, m, prompts, prompt_ids, on_task, chunk, baseline):
+    def __init__(self, cfg, d, m, prompts, prompt_ids, task, chunk, baseline):
         self.cfg, self.d, self.m, self.prompts, self.prompt_ids = cfg, d, m, prompts, prompt_ids
-        self.on_task, self.chunk, self.baseline, self.last = on_task, chunk, baseline, None
+        self.task, self.chunk, self.baseline, self.last = task, chunk, baseline, None
 
     @torch.no_grad()
     def metrics(self):
@@ -497,8 +498,8 @@ class Evaluation:
                 "eval/resp_len": rollout.mask.sum()}
         if m.judge is not None:
             sums["eval/judge"] = sum(m.judge(prompts, rollout.texts))
-        if self.on_task:
-            sums["eval/gold"] = sum(task.gold(prompts, rollout.texts))
+        if self.task is not None:
+            sums["eval/gold"] = sum(self.task.gold(prompts, rollout.texts))
         t = torch.tensor([*sums.values(), len(mine)], dtype=torch.float64, device=d.device)
         if d.ddp:
             dist.all_reduce(t)

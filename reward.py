@@ -40,7 +40,7 @@ from tqdm import tqdm
 from common import Batches, CheckpointError, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, \
     check_positive, cleanup, done_line, load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, \
     run_main, setup
-from data import task
+from data.tasks import from_spec, task_of
 from data.formats import load_rankings, ranking_pairs, split_rankings
 from data.tokenizer import encode_examples, get_tokenizer, ranking_data
 from losses import ranking_loss
@@ -50,7 +50,7 @@ from scoring import member_dir, score_sequences
 
 @dataclass
 class Config(RunConfig):
-    data: str = "task"  # rankings / preference pairs JSONL (.gz too), or "task": SFT samples ranked by the simulated raters
+    data: str = "task"  # rankings / preference pairs JSONL (.gz too), or "task" ("task:sort", ...): SFT samples ranked by the task's simulated raters
     val_data: str = ""  # held-out rankings; default: the prompts of --data whose hash falls in val_frac
     task_prompts: int = 2000  # --data task: how many train prompts to sample and rank
     val_frac: float = 0.1  # share of prompts held out when there is no --val_data
@@ -94,9 +94,10 @@ def main():
     # ---- data: rankings -> (sequences, pairs, row)
     stats = {}
     policy = None  # the SFT policy, loaded once for what samples from it: --data task and normalisation
-    if cfg.data == "task":
+    task = from_spec(cfg.data)
+    if task:
         policy = load_model(trunks[0], kind="policy", device=d.device, flag="--init")
-        rows = task_rankings(policy, cfg.task_prompts, cfg.seed)
+        rows = task_rankings(policy, task, cfg.task_prompts, cfg.seed)
         stats["rows"] = len(rows)
     else:
         rows = load_rankings(cfg.data, skip_bad_lines=cfg.skip_bad_lines, stats=stats)
@@ -235,9 +236,10 @@ def evaluate(model, val, eot, device, max_tokens=None):
     rewards = score_sequences(model, [s for seqs, _, _ in val for s in seqs], eot, device, max_tokens)
     margins = ranking_loss(rewards, val)[1]
     gold_right, gold_total, start = 0, 0, 0
+    task = task_of([row["prompt"] for _, _, row in val])  # a task of the suite: its hidden gold orders the pairs too
     for seqs, _, row in val:
         r, start = rewards[start:start + len(seqs)].tolist(), start + len(seqs)
-        if not task.is_task_prompt(row["prompt"]):
+        if task is None:
             continue
         gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
         for a, b in itertools.combinations(range(len(gold)), 2):

@@ -16,7 +16,6 @@ import torch
 from tqdm import tqdm
 
 from common import autocast, compute_dtype
-from data import task
 from data.tokenizer import get_tokenizer, pad
 from kernels import kl_full
 from model import Sampler
@@ -105,8 +104,8 @@ def sample_responses(model, prompts, k=1, *, batch_size=256, seed=0, max_new_tok
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
-def task_rankings(policy, n, seed=0):
-    """--data task in reward.py and dpo.py: 4 samples from the policy for each of the built-in
+def task_rankings(policy, task, n, seed=0):
+    """--data task[:NAME] in reward.py and dpo.py: 4 samples from the policy for each of the
     task's first n train prompts, ranked by its simulated raters (train.sh's steps 2-3 in one)."""
     prompts = task.prompts("train")[:n]
     samples = sample_responses(policy, prompts, k=4, seed=seed)

@@ -7,14 +7,14 @@ Look at what a model writes, or write candidates for raters to rank.
 
 --prompts is a prompts JSONL (any file with a "prompt" field, HH-RLHF too) or "task" for the
 built-in task's prompts of --split. With --out, K responses per prompt are written as a
-candidates file {prompt, responses}, which label.py (people) or `python -m data.task rate`
+candidates file {prompt, responses}, which label.py (people) or `python -m data.tasks rate --task add`
 (the simulated raters) rank. On the built-in task the gold score is shown beside each response.
 """
 
 from dataclasses import dataclass
 
 from common import check, load_model, parse_config, pick_device, run_main
-from data import task
+from data.tasks import task_of
 from data.formats import DataError, get_prompts, write_jsonl
 from rollout import sample_responses
 
@@ -23,7 +23,7 @@ from rollout import sample_responses
 class Config:
     init: str = "out/ppo/ckpt.pt"  # checkpoint to sample from
     compare: str = ""  # a second checkpoint, shown side by side
-    prompts: str = "task"  # prompts JSONL, or "task" for the built-in task
+    prompts: str = "task"  # prompts JSONL, or "task" for the built-in task ("task:sort", ...: a task of the suite)
     split: str = "test"  # built-in task: train / val / test prompts
     n: int = 8  # how many prompts (0: all)
     offset: int = 0  # skip this many prompts first (round r of train.sh takes the prompts after those of rounds 1..r-1)
@@ -64,7 +64,8 @@ def main():
         print("=" * 80 + "\n" + prompt)
         for path, out in zip(paths, outputs):
             for response in out[i]:
-                gold = f"  [gold {task.gold_score(prompt, response):+.2f}]" if task.is_task_prompt(prompt) else ""
+                task = task_of([prompt])
+                gold = f"  [gold {task.gold_score(prompt, response):+.2f}]" if task else ""
                 print(f"--- {path}{gold}\n{response}")
 
 

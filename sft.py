@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, cleanup, done_line, \
     load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, token_batches
-from data import task
+from data.tasks import from_spec, tokenizer_name
 from data.formats import DataError, load_demonstrations
 from data.tokenizer import encode_examples, get_tokenizer
 from model import GPT, GPTConfig
@@ -30,11 +30,11 @@ from rollout import sequence_logprobs
 
 @dataclass
 class Config(RunConfig):
-    data: str = "task"  # demonstrations JSONL (.gz too), or "task" for the built-in task
+    data: str = "task"  # demonstrations JSONL (.gz too), or "task" for the built-in task ("task:sort" and so on: a task of the suite)
     val_data: str = ""  # held-out demonstrations; default: the task's val split, or 5% of --data
     init: str = ""  # checkpoint to start from; empty: a new model of the size below
     out: str = "out/sft"  # output directory: ckpt.pt, metrics.jsonl
-    tokenizer: str = "task"  # for a new model: "task", "gpt2", or a directory with a Hugging Face tokenizer.json
+    tokenizer: str = ""  # for a new model: "task", "task:NAME", "gpt2", or a directory with a Hugging Face tokenizer.json (default: --data's task's own, else gpt2)
     arch: str = "gpt2"  # new model: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)
     n_layer: int = 4  # new model: transformer blocks
     n_head: int = 4  # new model: attention heads
@@ -78,9 +78,11 @@ def main():
     if cfg.init:
         model = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
     else:
-        enc = get_tokenizer(cfg.tokenizer)
+        task = from_spec(cfg.data)
+        tokenizer = cfg.tokenizer or (tokenizer_name(task) if task else "gpt2")
+        enc = get_tokenizer(tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, dropout=0.0, tokenizer=cfg.tokenizer, arch=cfg.arch,
+                              n_embd=cfg.n_embd, dropout=0.0, tokenizer=tokenizer, arch=cfg.arch,
                               n_kv_head=cfg.n_kv_head or None)).to(d.device)
     apply_lora(cfg, model)
     model.fused_lm_head = cfg.fused_lm_head
@@ -145,7 +147,8 @@ def main():
 def load_data(cfg, enc, block):
     """(train, val, stats): the demonstrations as (prompt_ids, response_ids), cut to the context."""
     stats = {}
-    if cfg.data == "task":
+    task = from_spec(cfg.data)
+    if task:
         train = task.demonstrations("train", cfg.n_demos, seed=cfg.seed)
         val = task.demonstrations("val", 500, seed=cfg.seed + 1)
         stats["rows"] = len(train) + len(val)
@@ -167,7 +170,7 @@ def load_data(cfg, enc, block):
         source = cfg.val_data if split == "val" and cfg.val_data else cfg.data
         if read[split]:
             why = f"all {read[split]} are longer than the {block}-token context"
-        elif split == "train" and not cfg.val_data and cfg.data != "task":
+        elif split == "train" and not cfg.val_data and not task:
             why = (f"{read['val']} row(s) read, all held out for validation (1 in 20, at least 1); "
                    f"add rows or give held-out ones with --val_data")
         else:

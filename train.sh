@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole RLHF pipeline on the built-in task, on whatever this machine has:
+# The whole RLHF pipeline on the built-in task (or TASK=NAME, one of the suite), on whatever this machine has:
 #   1. SFT on the noisy demonstrator            -> out/sft/ckpt.pt
 #   2. K responses per prompt from the SFT model -> out/candidates.jsonl
 #   3. the simulated raters rank them           -> out/rankings.jsonl
@@ -16,6 +16,7 @@
 #   SEED=1 ./train.sh        # another seed for every stage (sampling, rating and training)
 #   METHOD=ppo ./train.sh    # PPO only; METHOD="grpo dpo" any of ppo, grpo, rloo, reinforce_pp and dpo (both: ppo dpo, the default)
 #   OVERWRITE=1 ./train.sh   # start again in an OUT that already holds a run (without it, that is refused)
+#   TASK=sort ./train.sh     # another task of the suite (data/tasks: sort, follow, facts, refuse; add is the built-in)
 #   ARCH=llama ./train.sh    # the policy a new Llama-family model (RoPE, RMSNorm, SwiGLU, 2 key/value heads for 4) instead of GPT-2
 #   ROUNDS=3 ./train.sh      # rounds 2 and 3 (in out/round2/, out/round3/): the latest policy answers the
 #                            # next N_PREF train prompts, the raters rank them, the reward model is trained
@@ -31,6 +32,9 @@ NPROC=${NPROC:-1}
 METHOD=${METHOD:-both}
 ROUNDS=${ROUNDS:-1}
 ARCH=${ARCH:-gpt2}
+TASK=${TASK:-add}
+SPEC=task  # what --data / --prompts call the task
+[ "$TASK" = add ] || SPEC="task:$TASK"
 [ "$METHOD" = both ] && METHOD="ppo dpo"
 METHODS=(${METHOD//,/ })
 for m in "${METHODS[@]}"; do
@@ -82,16 +86,17 @@ mkdir -p "$OUT"
 SFT="$OUT/sft/ckpt.pt"
 
 echo "== 1. SFT"
-timed sft run sft.py --out "$OUT/sft" --seed "$SEED" "${OW[@]}" $ARCH_ARGS $SFT_ARGS
+timed sft run sft.py --data "$SPEC" --out "$OUT/sft" --seed "$SEED" "${OW[@]}" $ARCH_ARGS $SFT_ARGS
 
 one_round() {  # one_round R: rankings of the latest policy's samples, then each method, then eval
     local r=$1 dir="$OUT" all m
     [ "$r" -gt 1 ] && dir="$OUT/round$r"
     mkdir -p "$dir"
     echo "== round $r: 2-3. $K responses to each of $N_PREF train prompts from $SAMPLER, ranked by the simulated raters"
-    timed samples python sample.py --init "$SAMPLER" --prompts task --split train --n "$N_PREF" \
+    timed samples python sample.py --init "$SAMPLER" --prompts "$SPEC" --split train --n "$N_PREF" \
         --offset $(( (r - 1) * N_PREF )) --k "$K" --seed "$SEED" --out "$dir/candidates.jsonl"
-    timed samples python -m data.task rate --candidates "$dir/candidates.jsonl" --seed "$SEED" --out "$dir/rankings.jsonl"
+    timed samples python -m data.tasks rate --task "$TASK" --candidates "$dir/candidates.jsonl" --seed "$SEED" \
+        --out "$dir/rankings.jsonl"
     ALL_RANKINGS+=("$dir/rankings.jsonl")
     all="$dir/rankings.jsonl"
     if [ "$r" -gt 1 ]; then  # the reward model learns from every ranking so far
@@ -110,7 +115,7 @@ one_round() {  # one_round R: rankings of the latest policy's samples, then each
             timed dpo run dpo.py --data "$dir/rankings.jsonl" --init "${POLICY[$m]}" --ref "$SFT" --seed "$SEED" \
                 --out "$dir/dpo" "${OW[@]}" $DPO_ARGS
         else
-            timed "$m" run ppo.py --advantage "${m/#ppo/gae}" --init "${POLICY[$m]}" --ref "$SFT" "${reward_args[@]}" --seed "$SEED" \
+            timed "$m" run ppo.py --advantage "${m/#ppo/gae}" --data "$SPEC" --init "${POLICY[$m]}" --ref "$SFT" "${reward_args[@]}" --seed "$SEED" \
                 --out "$dir/$m" "${OW[@]}" $RL_ARGS
         fi
         POLICY[$m]="$dir/$m/ckpt.pt"
@@ -119,6 +124,7 @@ one_round() {  # one_round R: rankings of the latest policy's samples, then each
     echo "== round $r: 6. eval on $N_EVAL held-out test prompts"
     for m in "${METHODS[@]}"; do  # the round's reward model scores DPO too, where there is one
         timed eval python eval.py --init "${POLICY[$m]}" --compare "$SFT" "${reward_args[@]}" --ref "$SFT" --n "$N_EVAL" \
+            --prompts "$SPEC" --demos "$SPEC" \
             --out "$dir/eval_$m.json"
     done
 }

@@ -216,12 +216,10 @@ def load_prompts(path, *, skip_bad_lines=False, stats=None):
 
 
 def get_prompts(source, split="test", n=0, offset=0):
-    """The prompts to sample: the built-in task's split, or a file's; n of them (0: all) after the first offset."""
-    if source == "task":
-        from data import task
-        prompts = task.prompts(split)
-    else:
-        prompts = load_prompts(source)
+    """The prompts to sample: a task's split ("task", "task:sort"), or a file's; n of them (0: all) after the first offset."""
+    from data.tasks import from_spec
+    task = from_spec(source)
+    prompts = task.prompts(split) if task else load_prompts(source)
     return prompts[offset:offset + n] if n else prompts[offset:]
 
 

@@ -17,17 +17,15 @@ The built-in task: a small help desk that adds numbers, standing in for real hum
   rankings file that a person labelling with label.py would write. `gold` is the gold score as a
   judge function, so `python rate.py --judge data/task.py:gold` ranks by it too.
 
-    python -m data.task rate --candidates out/candidates.jsonl --out out/rankings.jsonl
+    python -m data.tasks rate --task add --candidates out/candidates.jsonl --out out/rankings.jsonl
 """
 
-import argparse
 import random
 import re
 
-from data.formats import prompt_hash
+from data.tasks import base
 
-from judges import rank as rank_by_scores  # Plackett-Luce over a judge's scores
-
+NAME = "add"  # its name in the suite (data/tasks)
 NAMES = ("mia ana bob cal dee eli fay gus hal ida jon kim leo max ned oli pam quin rex sam "
          "tom uma val wes xia yan zoe abe bea cyd dot eve fin gil hop ike jay kai liv mo").split()
 NUMBERS = range(10)
@@ -53,17 +51,13 @@ RATERS = {"ann": 0.2, "ben": 0.3, "cat": 0.5}
 
 def split_of(prompt):
     """'train', 'val' or 'test', fixed by the prompt's text so the splits never overlap."""
-    h = prompt_hash(prompt) % 10
-    return "test" if h == 0 else "val" if h == 1 else "train"
+    return base.split_of(prompt)
 
 
 def prompts(split):
     """Every prompt of a split, in a fixed shuffled order."""
-    out = [t.format(name=n, a=a, b=b) + PROMPT_SUFFIX
-           for n in NAMES for a in NUMBERS for b in NUMBERS for t in TEMPLATES]
-    out = [p for p in out if split_of(p) == split]
-    random.Random(0).shuffle(out)
-    return out
+    return base.split([t.format(name=n, a=a, b=b) + PROMPT_SUFFIX
+                       for n in NAMES for a in NUMBERS for b in NUMBERS for t in TEMPLATES], split)
 
 
 PROMPT_RE = re.compile(r"(\w+): .*?(\d+) (?:plus|and) (\d+)[?.]\nbot:$")
@@ -81,29 +75,19 @@ def parse_prompt(prompt):
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
-def _pick(options, rng):
-    r, acc = rng.random(), 0.0
-    for p, text in options:
-        acc += p
-        if r < acc:
-            return text
-    return options[-1][1]
-
-
 def demonstrate(prompt, rng):
     """The noisy demonstrator's response to a prompt."""
     name, a, b = parse_prompt(prompt)
     other = rng.choice([n for n in NAMES if n != name])
     c = a + b if rng.random() < P_CORRECT else max(0, a + b + rng.choice([-2, -1, 1, 2]))
-    parts = [_pick(GREETINGS, rng).format(name=name, other=other), _pick(FILLERS, rng),
-             f"{a} plus {b} is {c}.", _pick(CLOSINGS, rng)]
+    parts = [base.pick(GREETINGS, rng).format(name=name, other=other), base.pick(FILLERS, rng),
+             f"{a} plus {b} is {c}.", base.pick(CLOSINGS, rng)]
     return " " + " ".join(p for p in parts if p)
 
 
 def demonstrations(split, n=None, seed=0):
     """[{prompt, response}] from the demonstrator on the first n prompts of a split."""
-    rng = random.Random(seed)
-    return [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(split)[:n]]
+    return base.demonstrations(demonstrate, prompts(split)[:n], seed)
 
 
 def judge(prompt, response):
@@ -142,20 +126,13 @@ def gold(prompts, responses):
 def rank(prompt, responses, rater, rng):
     """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold at
     the rater's temperature (judges.rank). Identical responses are tied."""
-    return rank_by_scores(responses, gold([prompt] * len(responses), responses), RATERS[rater], rng)
+    return base.rank(gold, RATERS[rater], prompt, responses, rng)
 
 
 def rate(candidates, seed=0, second_opinion=0.2):
     """Rankings rows for a list of {prompt, responses}: each prompt is ranked by one random
     rater, and a fraction of prompts by a second, so raters' agreement can be measured."""
-    rng = random.Random(seed)
-    rows = []
-    for c in candidates:
-        raters = rng.sample(sorted(RATERS), 2 if rng.random() < second_opinion else 1)
-        for rater in raters:
-            rows.append({"prompt": c["prompt"], "responses": c["responses"],
-                         "ranking": rank(c["prompt"], c["responses"], rater, rng), "rater": rater})
-    return rows
+    return base.rate(rank, RATERS, candidates, seed, second_opinion)
 
 
 def corpus():
@@ -165,17 +142,3 @@ def corpus():
               for b in NUMBERS for t in TEMPLATES][::7]
     lines += [f" is {c}." for c in range(40)] + [f" hi {n}!" for n in NAMES]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from data.formats import load_candidates, write_jsonl
-    parser = argparse.ArgumentParser(description="the built-in task's simulated raters")
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("rate", help="rank a candidates file by the simulated raters")
-    r.add_argument("--candidates", required=True, help="candidates JSONL (prompt, responses)")
-    r.add_argument("--out", required=True, help="rankings JSONL to write")
-    r.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    rows = rate(load_candidates(args.candidates), seed=args.seed)
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} rankings by simulated raters to {args.out}")

@@ -138,9 +138,9 @@ def test_task_raters_are_plackett_luce_over_the_gold_judge(tmp_path):
     gold = task.gold([prompt] * 4, responses)
     assert gold == [task.gold_score(prompt, r) for r in responses]
     assert task.rank(prompt, responses, "cat", random.Random(7)) == rank(responses, gold, task.RATERS["cat"], random.Random(7))
-    # `python -m data.task rate` writes the rankings format as before, and rate.py can rank by gold too
+    # `python -m data.tasks rate --task add` writes the rankings format as before, and rate.py can rank by gold too
     write_jsonl(tmp_path / "candidates.jsonl", [{"prompt": prompt, "responses": responses}])
-    script("-m", "data.task", "rate", "--candidates", tmp_path / "candidates.jsonl", "--out", tmp_path / "task.jsonl")
+    script("-m", "data.tasks", "rate", "--task", "add", "--candidates", tmp_path / "candidates.jsonl", "--out", tmp_path / "task.jsonl")
     row = json.loads(open(tmp_path / "task.jsonl").readline())
     assert set(row) == {"prompt", "responses", "ranking", "rater"} and row["rater"] in task.RATERS
     script("rate.py", "--candidates", tmp_path / "candidates.jsonl", "--judge", "data/task.py:gold",

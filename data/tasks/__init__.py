@@ -32,6 +32,25 @@ def get_task(name):
     return TASKS[name]
 
 
+def from_spec(spec):
+    """The task that a --data or --prompts value names: "task" the built-in, "task:NAME" one of
+    the suite; None for anything else (a file)."""
+    if spec == "task":
+        return add
+    if not spec.startswith("task:"):
+        return None
+    if spec[len("task:"):] not in TASKS:
+        from data.formats import DataError
+        raise DataError(f"{spec}: no such task; the tasks are task (the built-in) and "
+                        f"{', '.join('task:' + n for n in TASKS if n != 'add')}")
+    return TASKS[spec[len("task:"):]]
+
+
+def tokenizer_name(task):
+    """The name a checkpoint records for a task's own tokenizer (data/tokenizer.get_tokenizer)."""
+    return "task" if task is add else f"task:{task.NAME}"
+
+
 def task_of(prompts):
     """The task whose prompts these all are, or None (also for no prompts at all)."""
     prompts = list(prompts)

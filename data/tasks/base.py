@@ -1,17 +1,17 @@
-"""What every task of the suite does the same way as the built-in (data/task.py): the hash split,
-the demonstrations list, and the simulated raters (Plackett-Luce over the task's gold score).
+"""What every task does the same way, the built-in (data/task.py) too: the hash split, the
+demonstrations list, and the simulated raters (Plackett-Luce over the task's gold score).
 Each task module calls these through its own `prompts`, `demonstrations`, `rank` and `rate`, so
 that a stage can use any task by the same names."""
 
-import hashlib
 import random
 
-import rate as rate_by_judge  # rate.py at the repo root: Plackett-Luce ranking by a judge's scores
+from data.formats import prompt_hash
+from judges import rank as rank_by_scores  # Plackett-Luce over a judge's scores
 
 
 def split_of(prompt):
     """'train', 'val' or 'test', fixed by the prompt's text (as the built-in's: 80/10/10)."""
-    h = int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 10
+    h = prompt_hash(prompt) % 10
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
@@ -40,8 +40,8 @@ def demonstrations(demonstrate, prompts, seed):
 
 def rank(gold, temperature, prompt, responses, rng):
     """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over the gold
-    score at the rater's temperature (rate.py). Identical responses are tied."""
-    return rate_by_judge.rank(responses, gold([prompt] * len(responses), responses), temperature, rng)
+    score at the rater's temperature (judges.rank). Identical responses are tied."""
+    return rank_by_scores(responses, gold([prompt] * len(responses), responses), temperature, rng)
 
 
 def rate(rank_fn, raters, candidates, seed, second_opinion):
