@@ -74,6 +74,7 @@ class RunConfig:
     lora_rank: int = 0  # train LoRA adapters of this rank (Hu et al. 2021) instead of every weight; 0: full fine-tuning
     lora_alpha: float = 0.0  # LoRA: the update is scaled by alpha / rank (0: alpha = rank)
     lora_targets: str = ""  # LoRA: comma-separated projections to adapt (default: the attention's, e.g. q_proj,k_proj,v_proj,o_proj)
+    chat_template: bool = False  # render prompts (HH dialogues too) with the model's own chat template (a Hugging Face tokenizer directory's)
 
 
 def check(condition, message):

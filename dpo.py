@@ -36,7 +36,7 @@ from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, 
     token_batches
 from data.tasks import from_spec, task_of
 from data.formats import load_rankings
-from data.tokenizer import get_tokenizer, ranking_data
+from data.tokenizer import get_tokenizer, ranking_data, use_chat_template
 from losses import best_nll, dpo_loss
 from model import Reference, Sampler
 from rollout import encode_prompts, exact_kl, generate, sequence_logprobs, task_rankings
@@ -90,6 +90,7 @@ def main():
         ref = load_model(cfg.ref or cfg.init, kind="policy", device=d.device, flag="--ref").eval().requires_grad_(False)
     check_tokenizers({cfg.init: model, cfg.ref or cfg.init: ref})
     enc = get_tokenizer(model.config.tokenizer)
+    use_chat_template(enc, cfg.chat_template)
     eot, block = enc.eot_token, model.config.block_size
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}, reference {cfg.ref or cfg.init}, "
            f"device {d.device}, {d.world_size} process(es)")

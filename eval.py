@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common import check, check_tokenizers, compute_dtype, load_model, parse_config, pick_device, run_main, token_batches
 from data.tasks import from_spec, task_of
 from data.formats import DataError, get_prompts, load_demonstrations
-from data.tokenizer import encode_examples, get_tokenizer
+from data.tokenizer import encode_examples, get_tokenizer, use_chat_template
 from judges import judge_fn
 from model import Sampler
 from rollout import encode_prompts, exact_kl, generate, sequence_logprobs
@@ -52,6 +52,7 @@ class Config:
     batch_size: int = 200  # prompts per generation batch
     max_tokens: int = 16384  # tokens (sequences x length) per scoring forward: bounds its memory
     seed: int = 1234  # sampling seed (--compare uses seed + 1)
+    chat_template: bool = False  # render prompts with the model's own chat template (a Hugging Face tokenizer directory's)
     device: str = ""  # cuda / cpu; default: cuda if available
 
     def check(self):
@@ -125,6 +126,7 @@ def main():
     samples = {}
     for i, path in enumerate([cfg.init] + ([cfg.compare] if cfg.compare else [])):
         model = load_model(path, kind="policy", device=device, flag="--compare" if i else "--init").eval()
+        use_chat_template(get_tokenizer(model.config.tokenizer), cfg.chat_template)
         check_tokenizers({path: model, **({cfg.reward: reward_models[0]} if reward_models else {}),
                           **({cfg.ref: ref_model} if ref_model is not None else {})})
         # independent samples for the two models: a shared seed would make similar policies write

@@ -60,7 +60,7 @@ from common import Batches, ConfigError, Run, RunConfig, all_reduce_mean, apply_
     run_main, save_checkpoint, setup
 from data.tasks import from_spec, task_of
 from data.formats import DataError, held_out_prompts, load_prompts
-from data.tokenizer import get_tokenizer
+from data.tokenizer import get_tokenizer, use_chat_template
 from judges import judge_fn
 from kernels import ppo_advantages
 from losses import aggregate, group_advantages, kl_penalty, masked_mean, masked_whiten, policy_loss, value_loss
@@ -226,6 +226,7 @@ def main():
                           "inflates, so it cannot pick the best checkpoint")
     best_key = "eval/judge" if cfg.judge else "eval/score"  # the score that picks OUT/best.pt
     enc = get_tokenizer(m.policy.config.tokenizer)
+    use_chat_template(enc, cfg.chat_template)
     prompts, prompt_ids, eval_prompts, eval_ids, stats = load_data(cfg, d, enc, m.policy.config.block_size - cfg.max_new_tokens)
     task = task_of(prompts[:100])  # a task of the suite: its hidden gold score is logged, never trained on
     print0(f"policy {m.policy.num_params() / 1e6:.2f}M parameters, --advantage {cfg.advantage}"

@@ -42,7 +42,7 @@ from common import Batches, CheckpointError, Run, RunConfig, all_reduce_mean, ap
     run_main, setup
 from data.tasks import from_spec, task_of
 from data.formats import load_rankings, ranking_pairs, split_rankings
-from data.tokenizer import encode_examples, get_tokenizer, ranking_data
+from data.tokenizer import encode_examples, get_tokenizer, ranking_data, use_chat_template
 from losses import ranking_loss
 from rollout import sample_responses, task_rankings
 from scoring import member_dir, score_sequences
@@ -89,6 +89,7 @@ def main():
     torch.manual_seed(cfg.seed)
     first = apply_lora(cfg, load_model(trunks[0], kind=("policy", "reward"), head="scalar", device=d.device, flag="--init"))
     enc = get_tokenizer(first.config.tokenizer)
+    use_chat_template(enc, cfg.chat_template)
     block = first.config.block_size
 
     # ---- data: rankings -> (sequences, pairs, row)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common import autocast, compute_dtype
-from data.tokenizer import get_tokenizer, pad
+from data.tokenizer import encode_prompt, get_tokenizer, pad
 from kernels import kl_full
 from model import Sampler
 
@@ -26,7 +26,7 @@ from model import Sampler
 def encode_prompts(enc, prompts, max_len, stats=None):
     """Prompt token ids, cut from the left to max_len tokens (the end of a prompt matters most);
     how many were cut goes to stats["truncated"]."""
-    ids = [enc.encode(p, disallowed_special=()) for p in prompts]
+    ids = [encode_prompt(enc, p) for p in prompts]
     if stats is not None:
         stats["truncated"] = stats.get("truncated", 0) + sum(len(x) > max_len for x in ids)
     return [x[-max_len:] for x in ids]

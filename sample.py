@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from common import check, load_model, parse_config, pick_device, run_main
 from data.tasks import task_of
 from data.formats import DataError, get_prompts, write_jsonl
+from data.tokenizer import get_tokenizer, use_chat_template
 from rollout import sample_responses
 
 
@@ -35,6 +36,7 @@ class Config:
     top_p: float = 1.0  # nucleus sampling mass (1: all)
     batch_size: int = 256  # sequences per generation batch
     seed: int = 0  # same seed, same samples (on CPU)
+    chat_template: bool = False  # render prompts with the model's own chat template (a Hugging Face tokenizer directory's)
     device: str = ""  # cuda / cpu; default: cuda if available
 
     def check(self):
@@ -54,8 +56,11 @@ def main():
     sampling = dict(k=cfg.k, batch_size=cfg.batch_size, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, progress=True)
     paths = [cfg.init] + ([cfg.compare] if cfg.compare else [])
-    outputs = [sample_responses(load_model(p, kind="policy", device=device, flag=flag), prompts, **sampling)
-               for p, flag in zip(paths, ("--init", "--compare"))]
+    outputs = []
+    for path, flag in zip(paths, ("--init", "--compare")):
+        model = load_model(path, kind="policy", device=device, flag=flag)
+        use_chat_template(get_tokenizer(model.config.tokenizer), cfg.chat_template)
+        outputs.append(sample_responses(model, prompts, **sampling))
     if cfg.out:
         write_jsonl(cfg.out, [{"prompt": p, "responses": r} for p, r in zip(prompts, outputs[0])])
         print(f"wrote {len(prompts)} prompts x {cfg.k} responses to {cfg.out}")

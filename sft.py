@@ -23,7 +23,7 @@ from common import Batches, Run, RunConfig, all_reduce_mean, apply_lora, check, 
     load_model, lr_at, make_optimizer, micro_batches, parse_config, print0, run_main, setup, token_batches
 from data.tasks import from_spec, tokenizer_name
 from data.formats import DataError, load_demonstrations
-from data.tokenizer import encode_examples, get_tokenizer
+from data.tokenizer import encode_examples, get_tokenizer, use_chat_template
 from model import GPT, GPTConfig
 from rollout import sequence_logprobs
 
@@ -87,6 +87,7 @@ def main():
     apply_lora(cfg, model)
     model.fused_lm_head = cfg.fused_lm_head
     enc = get_tokenizer(model.config.tokenizer)
+    use_chat_template(enc, cfg.chat_template)
     print0(f"model: {model.config.arch}, {model.num_params() / 1e6:.2f}M parameters"
            f"{f' ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M in LoRA adapters)' if cfg.lora_rank else ''}, "
            f"tokenizer {model.config.tokenizer}, device {d.device}, {d.world_size} process(es)")

@@ -251,6 +251,25 @@ def hh_messages(dialogue):
     return messages
 
 
+def use_chat_template(enc, on):
+    """--chat_template true: every prompt goes through the model's own chat template (encode_prompt),
+    so that HH-RLHF dialogues reach an instruct model as it was trained to read them."""
+    from data.formats import DataError
+    if on and not (isinstance(enc, HFTokenizer) and _chat_template(enc.name)[0]):
+        raise DataError(f"--chat_template true: the model's tokenizer {enc.name} has no chat template; it needs a "
+                        f"Hugging Face directory whose tokenizer_config.json or chat_template.jinja holds one")
+    enc.chat = on
+
+
+def encode_prompt(enc, prompt):
+    """A prompt's token ids: its text, or with use_chat_template on, the chat template's rendering of
+    it (an HH dialogue turn by turn, any other text as one user turn), its special tokens as such."""
+    if not getattr(enc, "chat", False):
+        return enc.encode(prompt, disallowed_special=())
+    messages = hh_messages(prompt) if prompt.startswith("\n\nHuman:") else [{"role": "user", "content": prompt.strip()}]
+    return enc.encode(render_chat(enc, messages), allowed_special="all")
+
+
 def encode_examples(enc, examples, max_len, stats=None):
     """[{prompt, response}] -> [(prompt_ids, response_ids)], the response ending in EOS.
     Too long: the prompt is cut from the left and the response kept; an example whose response
@@ -259,7 +278,7 @@ def encode_examples(enc, examples, max_len, stats=None):
     stats = {} if stats is None else stats
     out = []
     for ex in examples:
-        p = enc.encode(ex["prompt"], disallowed_special=())
+        p = encode_prompt(enc, ex["prompt"])
         r = enc.encode(ex["response"], disallowed_special=()) + [enc.eot_token]
         fitted = fit_to_context(p, r, max_len)
         if fitted is None:

@@ -119,7 +119,7 @@ def test_eos_from_the_directory_configs(tmp_path):
 def test_refusals(tmp_path):
     with pytest.raises(DataError, match="no tokenizer.json"):
         get_tokenizer(str(tmp_path))
-    with pytest.raises(ValueError, match="known: task, gpt2, or a directory holding tokenizer.json"):
+    with pytest.raises(ValueError, match="gpt2, or a directory holding tokenizer.json"):
         get_tokenizer("llama-3")
 
 
@@ -157,6 +157,26 @@ def test_no_chat_template_says_so(tok_dir, tmp_path):
     path = make_tokenizer_dir(tmp_path / "plain")
     with pytest.raises(DataError, match="has no chat template"):
         render_chat(path, hh_messages(HH))
+
+
+def test_chat_template_switched_on_renders_every_prompt(tmp_path):
+    from data.tokenizer import encode_examples, encode_prompt, use_chat_template
+    from rollout import encode_prompts
+    enc = HFTokenizer(make_tokenizer_dir(tmp_path, CHATML))
+    plain = encode_prompt(enc, HH)
+    use_chat_template(enc, True)
+    chat = enc.encode(render_chat(enc, hh_messages(HH)), allowed_special="all")
+    assert encode_prompt(enc, HH) == chat != plain
+    assert encode_prompts(enc, [HH], 1000) == [chat]  # PPO's, sample.py's and eval.py's prompts
+    assert encode_examples(enc, [{"prompt": HH, "response": " Six."}], 1000)[0][0] == chat  # SFT's, the reward model's, DPO's
+    one_turn = enc.encode(render_chat(enc, [{"role": "user", "content": "Hi there"}]), allowed_special="all")
+    assert encode_prompt(enc, "Hi there ") == one_turn  # any other text: one user turn
+    use_chat_template(enc, False)
+    assert encode_prompt(enc, HH) == plain
+    with pytest.raises(DataError, match="has no chat template"):
+        use_chat_template(get_tokenizer("task"), True)
+    with pytest.raises(DataError, match="has no chat template"):
+        use_chat_template(HFTokenizer(make_tokenizer_dir(tmp_path / "plain")), True)
 
 
 # ----------------------------------------------------------------------------- a model directory with its tokenizer
