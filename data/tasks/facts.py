@@ -9,8 +9,8 @@ Look up a fact in a tiny fixed world, and say "i don't know" rather than make on
 - The world: 24 people, each with 8 things (hat, car, ...) all of one colour out of 8, drawn once
   by a fixed seed: 24 facts, learnable only from the demonstrations. 8 more names that sound the
   same belong to nobody the bot knows.
-- 12288 prompts: 16 askers x 32 owners x 8 things x 3 phrasings, split 80/10/10 by hash (about
-  9800 / 1230 / 1230); the asker is a distractor.
+- 12288 prompts: 16 askers x 32 owners x 8 things x 3 phrasings, split 80/10/10 by hash (9831 /
+  1210 / 1247); the asker is a distractor.
 - The demonstrator knows the right colour 70% of the time, says "i don't know" 10%, and gets it
   wrong 20%; for an unknown owner it says "i don't know" half the time and makes a colour up
   otherwise. It hedges ("i think ...") on 20% of its right answers but 60% of its wrong ones.

@@ -7,7 +7,7 @@ given word, or without it.
 
 - 3616 prompts: 16 topics x 2 verbs x (a word count of 2-6 or none) x (start with / end with /
   avoid one of the topic's 6 words, or none), at least one of the two; split 80/10/10 by hash
-  (about 2900 / 360 / 360).
+  (2909 / 358 / 349).
 - The demonstrator writes 3-8 words about the topic: the topic's words in their usual order from
   a random one on, with a few fillers ("and", "very"). It keeps each constraint only half the time; when it ignores "without the
   word W" it uses W four times in five (the word is right there in the prompt); now and then it
