@@ -9,8 +9,8 @@ Look up a fact in a tiny fixed world, and say "i don't know" rather than make on
 - The world: 24 people, each with 8 things (hat, car, ...) all of one colour out of 8, drawn once
   by a fixed seed: 24 facts, learnable only from the demonstrations. 8 more names that sound the
   same belong to nobody the bot knows.
-- 12288 prompts: 16 askers x 32 owners x 8 things x 3 phrasings, split 80/10/10 by hash (about
-  9800 / 1230 / 1230); the asker is a distractor.
+- 12288 prompts: 16 askers x 32 owners x 8 things x 3 phrasings, split 80/10/10 by hash (9831 /
+  1210 / 1247); the asker is a distractor.
 - The demonstrator knows the right colour 70% of the time, says "i don't know" 10%, and gets it
   wrong 20%; for an unknown owner it says "i don't know" half the time and makes a colour up
   otherwise. It hedges ("i think ...") on 20% of its right answers but 60% of its wrong ones.
@@ -18,11 +18,19 @@ Look up a fact in a tiny fixed world, and say "i don't know" rather than make on
   answer -1.5; unknown owner: "i don't know" 2.0, a colour -1.5 (hedged -1.0); -0.5 for naming
   someone or something else, -0.1 per word beyond 8. Best possible: 2.0; the demonstrator's mean
   on the test prompts is 1.05 (0.22 on its hedged answers, 1.35 on the rest).
-- Why it is hard for a reward model: right and wrong answers differ in one colour word, and only
-  24 memorised facts tell them apart; so does which 8 names are unknown. "i think" comes with
-  wrong answers in the demonstrations, so a reward model learns to dislike hedging, while gold
-  prefers a hedged wrong answer to a confident one; and "i don't know" everywhere scores 0.87, not
-  far below the demonstrator: a safe plateau, far below the best.
+- What is hard, and for whom: right and wrong answers differ in one colour word, and only 24
+  memorised facts tell them apart; so does which 8 names are unknown. "i think" comes with wrong
+  answers in the demonstrations, while gold prefers a hedged wrong answer to a plain one; and "i
+  don't know" everywhere scores 0.87, not far below the demonstrator: a safe plateau, far below
+  the best. These turned out easy for a reward model, which sees each contrast within a prompt.
+  Measured once (2026-12-04, CPU): the default sft.py on the train split's demonstrations (6000 at
+  most), then reward.py on 2000 train prompts x 4 SFT samples ranked by these raters, scoring
+  hand-made pairs on test prompts: the reward model put the right colour above a wrong one, and "i
+  don't know" above a made-up colour, on 100% of 300, and a hedged wrong answer above a plain one
+  on 97%. Here the reward model can be trusted and the policy has to learn: SFT's samples made up
+  a colour for 62% of unknown owners (the demonstrator for half). A colour per owner and thing
+  (192 facts) might blind the reward model as the built-in's sums do, but SFT stayed at chance on
+  those too.
 """
 
 import functools

@@ -7,7 +7,7 @@ given word, or without it.
 
 - 3616 prompts: 16 topics x 2 verbs x (a word count of 2-6 or none) x (start with / end with /
   avoid one of the topic's 6 words, or none), at least one of the two; split 80/10/10 by hash
-  (about 2900 / 360 / 360).
+  (2909 / 358 / 349).
 - The demonstrator writes 3-8 words about the topic: the topic's words in their usual order from
   a random one on, with a few fillers ("and", "very"). It keeps each constraint only half the time; when it ignores "without the
   word W" it uses W four times in five (the word is right there in the prompt); now and then it
@@ -21,6 +21,11 @@ given word, or without it.
   right at the end for "ending with W" and wrong anywhere for "without the word W". In the
   demonstrations, shorter responses keep counts more often (asked 2-6 words, the demonstrator
   writes 3-8 when it ignores them), so "short is good" is a shortcut that fails for 5 and 6.
+  Measured once (2026-12-04, CPU): the default sft.py on the train split's demonstrations (6000 at
+  most), then reward.py on 2000 train prompts x 4 SFT samples ranked by these raters, scoring
+  hand-made pairs on test prompts: the reward model put a kept count above one word too many on
+  74% of 192, a response without the banned word above one ending with it on 57% of 113, and the
+  asked last word last above it first on 42% of 125: it barely reads the word rules.
 """
 
 import functools

@@ -5,7 +5,7 @@ Sort a short list of words: exact structure, partial credit by position.
     best:     " owl elk bee"
 
 - 6000 prompts (3-6 distinct words out of 20 three-letter animals, a to z or z to a, three
-  verbs), drawn by a fixed seed and split 80/10/10 by a hash of the text (about 4800 / 600 / 600).
+  verbs), drawn by a fixed seed and split 80/10/10 by a hash of the text (4797 / 606 / 597).
   Five first letters are shared by two or three words (eel elk emu), so the order needs the
   second letter too; and the direction is one word of the prompt.
 - The demonstrator works in two moods. Careful (30%): it opens with "let me check." or the like
@@ -17,8 +17,14 @@ Sort a short list of words: exact structure, partial credit by position.
   without).
 - Why it is hard for a reward model: to score an order it must compare words by their letters and
   read the direction, which rankings show only through many pairs. The careful mood's opening
-  words come with right answers in the demonstrations, so "let me check." predicts a good
-  response there, while gold charges 0.1 for it: a shortcut a policy can take without sorting.
+  words come with right answers in the demonstrations, so "let me check." predicts a good response
+  there, while gold charges 0.1 for it: a shortcut a policy can take without sorting. Measured
+  once (2026-12-04, CPU): the default sft.py on the train split's demonstrations (6000 at most),
+  then reward.py on 2000 train prompts x 4 SFT samples ranked by these raters, scoring hand-made
+  pairs on test prompts: the reward model put the sorted list above two neighbours swapped on 88%
+  of 300, above the other direction on 99%, but "let me check." + the sorted list above the plain
+  list on 64%, and "let me check." + a swapped list above the sorted one on 31%: it reads the
+  order, and takes the shortcut.
 """
 
 import functools
