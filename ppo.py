@@ -168,6 +168,10 @@ def load_models(cfg, d):
         value = apply_lora(cfg, load_model(cfg.reward, kind="reward", device=d.device, flag="--reward") if reward_models else
                            load_model(cfg.init, kind="policy", head="scalar", device=d.device, flag="--init"))
     check_tokenizers({cfg.init: policy, cfg.ref or cfg.init: ref, **({cfg.reward: reward_models[0]} if reward_models else {})})
+    if cfg.keep_best and not (cfg.judge or len(reward_models) > 1 or not reward_models):
+        raise ConfigError("--keep_best true needs a judge (--judge FILE.py:fn) or a reward-model ensemble (reward.py "
+                          "--ensemble K): a single reward model's own score is the very number over-optimisation "
+                          "inflates, so it cannot pick the best checkpoint")
     # No dropout anywhere (N+ details): the rollout's log-probs and the first training forward agree.
     assert policy.config.dropout == 0 and (value is None or value.config.dropout == 0), "RL here needs dropout 0"
     policy.fused_lm_head = ref.fused_lm_head = cfg.fused_lm_head
@@ -177,6 +181,10 @@ def load_models(cfg, d):
             raise ConfigError("--spread_vs_ref true samples from the reference, which with --lora_rank is the policy's own "
                               "base weights inside the policy; use --spread_vs_ref false with --lora_rank")
         ref_sampler = Sampler(ref, cuda_graph=cfg.cuda_graph)
+    print0(f"policy {policy.num_params() / 1e6:.2f}M parameters, --advantage {cfg.advantage}"
+           f"{f', value model {value.num_params() / 1e6:.2f}M' if value else ' (no value model)'}; "
+           f"{len(reward_models)} reward model(s){', judge ' + cfg.reward_fn if cfg.reward_fn else ''}; "
+           f"device {d.device}, {d.world_size} process(es)")
     return Models(policy, ref, value, reward_models, reward_fn, judge,
                   Sampler(policy, dtype=frozen, cuda_graph=cfg.cuda_graph), ref_sampler)
 
@@ -220,19 +228,11 @@ def main():
     local_mini = cfg.mini_batch_size // d.world_size
     cfg.reward = cfg.reward or ("" if cfg.reward_fn else "out/reward/ckpt.pt")
     m = load_models(cfg, d)
-    if cfg.keep_best and not (cfg.judge or len(m.reward_models) > 1 or not m.reward_models):
-        raise ConfigError("--keep_best true needs a judge (--judge FILE.py:fn) or a reward-model ensemble (reward.py "
-                          "--ensemble K): a single reward model's own score is the very number over-optimisation "
-                          "inflates, so it cannot pick the best checkpoint")
     best_key = "eval/judge" if cfg.judge else "eval/score"  # the score that picks OUT/best.pt
     enc = get_tokenizer(m.policy.config.tokenizer)
     use_chat_template(enc, cfg.chat_template)
     prompts, prompt_ids, eval_prompts, eval_ids, stats = load_data(cfg, d, enc, m.policy.config.block_size - cfg.max_new_tokens)
     task = task_of(prompts[:100])  # a task of the suite: its hidden gold score is logged, never trained on
-    print0(f"policy {m.policy.num_params() / 1e6:.2f}M parameters, --advantage {cfg.advantage}"
-           f"{f', value model {m.value.num_params() / 1e6:.2f}M' if m.value else ' (no value model)'}; "
-           f"{len(m.reward_models)} reward model(s){', judge ' + cfg.reward_fn if cfg.reward_fn else ''}; "
-           f"device {d.device}, {d.world_size} process(es)")
 
     trained = torch.nn.ModuleList([m.policy] + ([m.value] if m.value else []))
     gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: they agree on the batch
