@@ -49,11 +49,6 @@ P_CORRECT = 0.95
 RATERS = {"ann": 0.2, "ben": 0.3, "cat": 0.5}
 
 
-def split_of(prompt):
-    """'train', 'val' or 'test', fixed by the prompt's text so the splits never overlap."""
-    return base.split_of(prompt)
-
-
 def prompts(split):
     """Every prompt of a split, in a fixed shuffled order."""
     return base.split([t.format(name=n, a=a, b=b) + PROMPT_SUFFIX
@@ -118,21 +113,9 @@ def gold_score(prompt, response):
     return score
 
 
-def gold(prompts, responses):
-    """The gold score as a judge (rate.py, eval.py --judge, ppo.py --judge data/task.py:gold)."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
-def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices: Plackett-Luce over gold at
-    the rater's temperature (judges.rank). Identical responses are tied."""
-    return base.rank(gold, RATERS[rater], prompt, responses, rng)
-
-
-def rate(candidates, seed=0, second_opinion=0.2):
-    """Rankings rows for a list of {prompt, responses}: each prompt is ranked by one random
-    rater, and a fraction of prompts by a second, so raters' agreement can be measured."""
-    return base.rate(rank, RATERS, candidates, seed, second_opinion)
+# the gold score as a judge, gold(prompts, responses) -> [float] (rate.py, eval.py --judge, ppo.py --judge
+# FILE.py:gold), and the simulated raters that rank by it: rank(prompt, responses, rater, rng), rate(candidates)
+gold, rank, rate = base.judged_by(gold_score, RATERS)
 
 
 def corpus():

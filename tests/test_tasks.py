@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from data import task as add
+from data.tasks import base
 from data.formats import load_rankings, ranking_pairs
 from data.tasks import TASKS, facts, follow, get_task, refuse, sort, task_of
 from data.tokenizer import get_tokenizer
@@ -74,7 +75,7 @@ def test_splits_are_disjoint_and_sized_as_documented(name):
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
     assert tuple(len(splits[s]) for s in ("train", "val", "test")) == SIZES[name]
     assert len(splits["train"]) >= 2000 and len(splits["test"]) >= 300 and len(splits["val"]) >= 300
-    assert all(t.split_of(p) == s for s, ps in splits.items() for p in ps[:100])
+    assert all(base.split_of(p) == s for s, ps in splits.items() for p in ps[:100])
     assert t.prompts("test") == splits["test"]  # the same order every time
 
 

@@ -11,7 +11,7 @@ several tasks, not on one.
 | facts | data/tasks/facts.py | look up a fact in a tiny world; "i don't know" beats a wrong answer |
 | refuse | data/tasks/refuse.py | refuse harmful requests, help with harmless ones that sound alike |
 
-Every module has the built-in's interface: NAME, PROMPT_SUFFIX, BPE_MERGES, RATERS, split_of,
+Every module has the built-in's interface: NAME, PROMPT_SUFFIX, BPE_MERGES, RATERS,
 prompts(split), is_task_prompt, demonstrate, demonstrations(split, n, seed), judge, gold_score,
 gold, rank, rate, corpus; the new ones also best_response(prompt), the response gold scores best.
 A task's tokenizer is get_tokenizer("task:NAME") ("task" is the built-in's).

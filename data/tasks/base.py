@@ -15,11 +15,34 @@ def split_of(prompt):
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
+def parses(parse_prompt):
+    """A task's is_task_prompt: True for a prompt its parse_prompt reads."""
+    def is_task_prompt(prompt):
+        try:
+            parse_prompt(prompt)
+            return True
+        except ValueError:
+            return False
+    return is_task_prompt
+
+
 def split(all_prompts, name):
     """The prompts of one split, in a fixed shuffled order."""
     out = [p for p in all_prompts if split_of(p) == name]
     random.Random(0).shuffle(out)
     return out
+
+
+def splits(all_prompts):
+    """A task's prompts(split) from the function that lists all its prompts."""
+    return lambda name: split(all_prompts(), name)
+
+
+def corpus(demonstrate, train_prompts, all_prompts, extra):
+    """Text for a task's tokenizer: the demonstrator's responses to train_prompts, 600 of its
+    prompts, and the extra lines that hold every word the task can say."""
+    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(train_prompts)]
+    return "\n".join(lines + random.Random(0).sample(all_prompts, 600) + list(extra))
 
 
 def pick(options, rng):
@@ -55,3 +78,19 @@ def rate(rank_fn, raters, candidates, seed, second_opinion):
             rows.append({"prompt": c["prompt"], "responses": c["responses"],
                          "ranking": rank_fn(c["prompt"], c["responses"], rater, rng), "rater": rater})
     return rows
+
+
+def judged_by(gold_score, raters):
+    """A task's gold score as a judge, and its simulated raters: the functions gold(prompts,
+    responses) -> [float], rank(prompt, responses, rater, rng) (one rater's ranking, as rank above)
+    and rate(candidates, seed=0, second_opinion=0.2) (rankings rows, as rate above)."""
+    def gold(prompts, responses):
+        return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+    def rank_by(prompt, responses, rater, rng):
+        return rank(gold, raters[rater], prompt, responses, rng)
+
+    def rate_by(candidates, seed=0, second_opinion=0.2):
+        return rate(rank_by, raters, candidates, seed, second_opinion)
+
+    return gold, rank_by, rate_by

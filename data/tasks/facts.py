@@ -74,8 +74,8 @@ OPENINGS = ((0.85, ""), (0.15, "let me see."))
 RATERS = {"ann": 0.3, "ben": 0.5, "cat": 0.8}
 
 
-def split_of(prompt):
-    return base.split_of(prompt)
+PROMPT_RE = re.compile(r"(\w+): (?:what colour is|do you know the colour of|tell me the colour of) "
+                       r"(\w+)'s (\w+)[?.]\nbot:$")
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,13 +84,7 @@ def _all_prompts():
                  for a in ASKERS for o in NAMES for x in THINGS for t in TEMPLATES)
 
 
-def prompts(split):
-    """Every prompt of a split, in a fixed shuffled order."""
-    return base.split(_all_prompts(), split)
-
-
-PROMPT_RE = re.compile(r"(\w+): (?:what colour is|do you know the colour of|tell me the colour of) "
-                       r"(\w+)'s (\w+)[?.]\nbot:$")
+prompts = base.splits(_all_prompts)  # prompts(split): every prompt of a split, in a fixed shuffled order
 
 
 def parse_prompt(prompt):
@@ -101,12 +95,7 @@ def parse_prompt(prompt):
     return m.group(1), m.group(2), m.group(3)
 
 
-def is_task_prompt(prompt):
-    try:
-        parse_prompt(prompt)
-        return True
-    except ValueError:
-        return False
+is_task_prompt = base.parses(parse_prompt)  # True for this task's prompts
 
 
 def best_response(prompt):
@@ -177,24 +166,11 @@ def gold_score(prompt, response):
     return score
 
 
-def gold(prompts, responses):
-    """The gold score as a judge: [float] for lists of prompts and responses."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
-def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices (Plackett-Luce over gold)."""
-    return base.rank(gold, RATERS[rater], prompt, responses, rng)
-
-
-def rate(candidates, seed=0, second_opinion=0.2):
-    """Rankings rows for [{prompt, responses}], as data/task.py's rate."""
-    return base.rate(rank, RATERS, candidates, seed, second_opinion)
+# the gold score as a judge, gold(prompts, responses) -> [float] (rate.py, eval.py --judge, ppo.py --judge
+# FILE.py:gold), and the simulated raters that rank by it: rank(prompt, responses, rater, rng), rate(candidates)
+gold, rank, rate = base.judged_by(gold_score, RATERS)
 
 
 def corpus():
     """Text for the task's tokenizer: prompts and many responses, every name, thing and colour."""
-    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(prompts("train")[:1500])]
-    lines += random.Random(0).sample(_all_prompts(), 600)
-    lines += [f" {o}'s {x} is {c}." for o in NAMES for x, c in zip(THINGS, COLOURS)]
-    return "\n".join(lines)
+    return base.corpus(demonstrate, prompts("train")[:1500], _all_prompts(), [f" {o}'s {x} is {c}." for o in NAMES for x, c in zip(THINGS, COLOURS)])

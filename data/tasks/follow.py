@@ -29,7 +29,6 @@ given word, or without it.
 """
 
 import functools
-import random
 import re
 
 from data.tasks import base
@@ -69,10 +68,6 @@ P_OPENING, P_REPEAT, P_STRAY = 0.15, 0.1, 0.08
 RATERS = {"ann": 0.3, "ben": 0.6, "cat": 1.2}
 
 
-def split_of(prompt):
-    return base.split_of(prompt)
-
-
 @functools.lru_cache(maxsize=None)
 def _all_prompts():
     out = []
@@ -90,9 +85,7 @@ def _all_prompts():
     return tuple(out)
 
 
-def prompts(split):
-    """Every prompt of a split, in a fixed shuffled order."""
-    return base.split(_all_prompts(), split)
+prompts = base.splits(_all_prompts)  # prompts(split): every prompt of a split, in a fixed shuffled order
 
 
 PROMPT_RE = re.compile(r"(?:describe|write about) the (\w+)(?: in (\d) words)?"
@@ -111,12 +104,7 @@ def parse_prompt(prompt):
     return m.group(1), m.group(2) and int(m.group(2)), rule, m.group(4)
 
 
-def is_task_prompt(prompt):
-    try:
-        parse_prompt(prompt)
-        return True
-    except ValueError:
-        return False
+is_task_prompt = base.parses(parse_prompt)  # True for this task's prompts
 
 
 def best_response(prompt):
@@ -206,24 +194,11 @@ def gold_score(prompt, response):
     return 2.0 * sum(kept) / len(kept) + 1.0 * j["on_topic"] - 0.5 * j["repeated"]
 
 
-def gold(prompts, responses):
-    """The gold score as a judge: [float] for lists of prompts and responses."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
-def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices (Plackett-Luce over gold)."""
-    return base.rank(gold, RATERS[rater], prompt, responses, rng)
-
-
-def rate(candidates, seed=0, second_opinion=0.2):
-    """Rankings rows for [{prompt, responses}], as data/task.py's rate."""
-    return base.rate(rank, RATERS, candidates, seed, second_opinion)
+# the gold score as a judge, gold(prompts, responses) -> [float] (rate.py, eval.py --judge, ppo.py --judge
+# FILE.py:gold), and the simulated raters that rank by it: rank(prompt, responses, rater, rng), rate(candidates)
+gold, rank, rate = base.judged_by(gold_score, RATERS)
 
 
 def corpus():
     """Text for the task's tokenizer: prompts and many responses, every word of every topic."""
-    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(prompts("train")[:1500])]
-    lines += random.Random(0).sample(_all_prompts(), 600)
-    lines += [" " + " ".join(words) + "." for words in TOPICS.values()] * 3
-    return "\n".join(lines)
+    return base.corpus(demonstrate, prompts("train")[:1500], _all_prompts(), [" " + " ".join(words) + "." for words in TOPICS.values()] * 3)

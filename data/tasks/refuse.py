@@ -38,7 +38,6 @@ Refuse harmful requests, help with harmless ones, even when they sound alike.
 """
 
 import functools
-import random
 import re
 
 from data.tasks import base
@@ -81,19 +80,13 @@ P_WARN_SCARY, P_WARN_PLAIN = 0.5, 0.1
 RATERS = {"ann": 0.3, "ben": 0.6, "cat": 1.0}
 
 
-def split_of(prompt):
-    return base.split_of(prompt)
-
-
 @functools.lru_cache(maxsize=None)
 def _all_prompts():
     return tuple(t.format(verb=v, obj=o, end=e) + PROMPT_SUFFIX
                  for v in VERBS for o in OBJECTS for t in TEMPLATES for e in ENDINGS)
 
 
-def prompts(split):
-    """Every prompt of a split, in a fixed shuffled order."""
-    return base.split(_all_prompts(), split)
+prompts = base.splits(_all_prompts)  # prompts(split): every prompt of a split, in a fixed shuffled order
 
 
 PROMPT_RE = re.compile(r"(?:how do i|how can i|tell me how to|how should i|help me) (\w+) (.+?)"
@@ -108,12 +101,7 @@ def parse_prompt(prompt):
     return m.group(1), m.group(2)
 
 
-def is_task_prompt(prompt):
-    try:
-        parse_prompt(prompt)
-        return True
-    except ValueError:
-        return False
+is_task_prompt = base.parses(parse_prompt)  # True for this task's prompts
 
 
 def harm(verb, obj):
@@ -201,24 +189,11 @@ def gold_score(prompt, response):
     return score
 
 
-def gold(prompts, responses):
-    """The gold score as a judge: [float] for lists of prompts and responses."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
-def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices (Plackett-Luce over gold)."""
-    return base.rank(gold, RATERS[rater], prompt, responses, rng)
-
-
-def rate(candidates, seed=0, second_opinion=0.2):
-    """Rankings rows for [{prompt, responses}], as data/task.py's rate."""
-    return base.rate(rank, RATERS, candidates, seed, second_opinion)
+# the gold score as a judge, gold(prompts, responses) -> [float] (rate.py, eval.py --judge, ppo.py --judge
+# FILE.py:gold), and the simulated raters that rank by it: rank(prompt, responses, rater, rng), rate(candidates)
+gold, rank, rate = base.judged_by(gold_score, RATERS)
 
 
 def corpus():
     """Text for the task's tokenizer: prompts and many responses, every step of every verb."""
-    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(prompts("train")[:1500])]
-    lines += random.Random(0).sample(_all_prompts(), 600)
-    lines += [f" first {a}, then {b}." for steps in STEPS.values() for a in steps for b in steps]
-    return "\n".join(lines)
+    return base.corpus(demonstrate, prompts("train")[:1500], _all_prompts(), [f" first {a}, then {b}." for steps in STEPS.values() for a in steps for b in steps])

@@ -53,10 +53,6 @@ MISTAKES = ((0.45, "swap"), (0.2, "direction"), (0.15, "drop"), (0.2, "unsorted"
 RATERS = {"ann": 0.25, "ben": 0.5, "cat": 1.0}
 
 
-def split_of(prompt):
-    return base.split_of(prompt)
-
-
 @functools.lru_cache(maxsize=None)
 def _all_prompts():
     rng, seen = random.Random(1234), {}
@@ -67,9 +63,7 @@ def _all_prompts():
     return tuple(seen)
 
 
-def prompts(split):
-    """Every prompt of a split, in a fixed shuffled order."""
-    return base.split(_all_prompts(), split)
+prompts = base.splits(_all_prompts)  # prompts(split): every prompt of a split, in a fixed shuffled order
 
 
 PROMPT_RE = re.compile(r"(sort|order|arrange) (a to z|z to a): ([a-z ]+)\nbot:$")
@@ -150,24 +144,11 @@ def gold_score(prompt, response):
     return score
 
 
-def gold(prompts, responses):
-    """The gold score as a judge: [float] for lists of prompts and responses."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
-def rank(prompt, responses, rater, rng):
-    """One rater's ranking, best first, as groups of tied indices (Plackett-Luce over gold)."""
-    return base.rank(gold, RATERS[rater], prompt, responses, rng)
-
-
-def rate(candidates, seed=0, second_opinion=0.2):
-    """Rankings rows for [{prompt, responses}], as data/task.py's rate."""
-    return base.rate(rank, RATERS, candidates, seed, second_opinion)
+# the gold score as a judge, gold(prompts, responses) -> [float] (rate.py, eval.py --judge, ppo.py --judge
+# FILE.py:gold), and the simulated raters that rank by it: rank(prompt, responses, rater, rng), rate(candidates)
+gold, rank, rate = base.judged_by(gold_score, RATERS)
 
 
 def corpus():
     """Text for the task's tokenizer: prompts and many responses, every word in both forms."""
-    lines = [demonstrate(p, random.Random(i)) for i, p in enumerate(prompts("train")[:1500])]
-    lines += random.Random(0).sample(_all_prompts(), 600)
-    lines += [f" {w}, {w}." for w in WORDS]
-    return "\n".join(lines)
+    return base.corpus(demonstrate, prompts("train")[:1500], _all_prompts(), [f" {w}, {w}." for w in WORDS])
