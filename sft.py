@@ -34,7 +34,7 @@ class Config(RunConfig):
     val_data: str = ""  # held-out demonstrations; default: the task's val split, or 5% of --data
     init: str = ""  # checkpoint to start from; empty: a new model of the size below
     out: str = "out/sft"  # output directory: ckpt.pt, metrics.jsonl
-    tokenizer: str = ""  # for a new model: "task", "task:NAME", "gpt2", or a directory with a Hugging Face tokenizer.json (default: --data's task's own, else gpt2)
+    tokenizer: str = ""  # for a new model: "task", "task:NAME", "gpt2", or a directory with a Hugging Face tokenizer.json (default: --data's task's own, else the built-in's, "task")
     arch: str = "gpt2"  # new model: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)
     n_layer: int = 4  # new model: transformer blocks
     n_head: int = 4  # new model: attention heads
@@ -79,7 +79,7 @@ def main():
         model = load_model(cfg.init, kind="policy", device=d.device, flag="--init")
     else:
         task = from_spec(cfg.data)
-        tokenizer = cfg.tokenizer or (tokenizer_name(task) if task else "gpt2")
+        tokenizer = cfg.tokenizer or (tokenizer_name(task) if task else "task")
         enc = get_tokenizer(tokenizer)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, dropout=0.0, tokenizer=tokenizer, arch=cfg.arch,
