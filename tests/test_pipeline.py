@@ -1,6 +1,6 @@
-"""The whole pipeline, end to end: NPROC=2 QUICK=1 ROUNDS=2 ./train.sh, the tiny version of the
-default run with every training stage under torchrun (the single-process stages are run by
-test_stages.py and test_dpo.py), PPO and DPO side by side, and a second round on new prompts."""
+"""The whole pipeline, end to end: QUICK=1 ROUNDS=2 ./train.sh, the tiny version of the default run,
+PPO and DPO side by side, and a second round on new prompts. (Each trainer under torchrun is run by
+test_stages.py, test_dpo.py and test_ensemble.py.)"""
 
 import json
 import math
@@ -12,7 +12,7 @@ from conftest import ROOT
 
 def test_quick_pipeline_two_rounds_ppo_and_dpo_beat_sft_under_the_gold_judge(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "QUICK": "1", "OUT": str(out), "NPROC": "2", "ROUNDS": "2"}
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "ROUNDS": "2"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

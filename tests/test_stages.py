@@ -111,6 +111,21 @@ def write_rankings(path, prompts, k=3, seed=0):
     write_jsonl(str(path), task.rate(candidates, seed=seed))
 
 
+def test_reward_and_a_critic_free_estimator_under_torchrun(sft_two_processes, tmp_path):
+    train = task.prompts("train")
+    write_rankings(tmp_path / "rankings.jsonl", train[:24])
+    write_rankings(tmp_path / "val.jsonl", train[24:32], seed=1)
+    run("reward.py", "--data", tmp_path / "rankings.jsonl", "--val_data", tmp_path / "val.jsonl", "--init",
+        sft_two_processes / "ckpt.pt", "--batch_size", 8, "--micro_batch_size", 2, "--epochs", 1, "--out", tmp_path / "rm",
+        nproc=2)
+    assert loads_safely(tmp_path / "rm" / "ckpt.pt")["kind"] == "reward"
+    run("ppo.py", "--init", sft_two_processes / "ckpt.pt", "--reward", tmp_path / "rm" / "ckpt.pt", *PPO_ARGS,
+        "--advantage", "grpo", "--group_size", 2, "--out", tmp_path / "grpo", nproc=2)
+    rows = [r for r in metrics(tmp_path / "grpo") if "ppo/policy_loss" in r]
+    assert len(rows) == 2 and rows[0]["ppo/first_ratio_error"] == 0.0 and "val/explained_var" not in rows[0]
+    assert not (tmp_path / "grpo" / "value.pt").exists()  # no value model
+
+
 def test_reward_without_data_ranks_sft_samples_of_the_built_in_task(sft_two_processes, tmp_path):
     # no --data: sample 4 responses per task prompt from --init and let the simulated raters rank them
     run("reward.py", "--init", sft_two_processes / "ckpt.pt", "--task-prompts", 40, "--val-frac", 0.25,
