@@ -18,3 +18,9 @@ try:
     import_transformers()
 except ImportError:
     pass  # not installed: the tests that need it skip
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest test (the whole pipeline, minutes) first: with ./test.sh's workers (-n auto) it
+    then runs beside all the others instead of after them."""
+    items.sort(key=lambda item: "test_pipeline.py" not in item.nodeid)
