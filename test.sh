@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh
 python -m pip install -q -r requirements-test.txt
-exec python -m pytest -q -n auto "$@"
+exec python -m pytest -q -n auto --dist worksteal "$@"
