@@ -139,7 +139,8 @@ def main():
             r["gold"] = [task.gold_score(p, t) for p, t in zip(prompts, r["responses"])]
             m["gold"] = mean(r["gold"])
             judged = [task.judge(p, t) for p, t in zip(prompts, r["responses"])]
-            m["criteria"] = {k: mean([float(j[k]) for j in judged]) for k in judged[0]}  # rates, and mean words
+            # rates, and mean words; a criterion that does not apply to a prompt (None) counts in no mean
+            m["criteria"] = {k: mean([float(j[k]) for j in judged if j[k] is not None]) for k in judged[0]}
             samples[path + ":gold"] = r["gold"]
         if judge is not None:
             r["judge"] = judge(prompts, r["responses"])
@@ -150,7 +151,7 @@ def main():
         results["models"][path] = {k: v for k, v in m.items() if v is not None}
         print(f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in results["models"][path].items() if k != "criteria"))
         if "criteria" in m:
-            print("  gold criteria: " + " | ".join(f"{k} {v:.2f}" for k, v in m["criteria"].items()))
+            print("  gold criteria: " + " | ".join(f"{k} {v:.2f}" for k, v in m["criteria"].items() if v is not None))
 
     scorers = {"gold": "the gold judge"} if task is not None else {}  # the scores a response is judged by
     if judge is not None:

@@ -208,3 +208,13 @@ def test_a_task_of_the_suite_runs_through_every_stage(tmp_path):
     assert all("gold" in r for r in rows if "ppo/policy_loss" in r) and any("eval/gold" in r for r in rows)
     proc = run("sft.py", *SFT_ARGS, "--data", "task:nope", "--out", tmp_path / "x", check=False)
     assert "no such task" in one_sentence(proc) and "task:sort" in one_sentence(proc)
+
+
+def test_eval_judges_every_task_of_the_suite(tiny_ckpts, tmp_path):
+    """eval.py on each task's test prompts: its gold and the criteria its judge reports (some apply
+    to some prompts only: follow's word rules)."""
+    for name in ("sort", "follow", "facts", "refuse"):
+        run("eval.py", "--init", tiny_ckpts / "policy.pt", "--prompts", f"task:{name}", "--demos", f"task:{name}",
+            "--n", 16, "--max_new_tokens", 8, "--out", tmp_path / f"{name}.json")
+        models = json.loads((tmp_path / f"{name}.json").read_text())["models"]
+        assert "gold" in models[str(tiny_ckpts / "policy.pt")] and "criteria" in models[str(tiny_ckpts / "policy.pt")]
