@@ -80,15 +80,20 @@ def rate(rank_fn, raters, candidates, seed, second_opinion):
     return rows
 
 
-def judged_by(gold_score, raters):
+def judged_by(gold_score, raters, seen_score=None):
     """A task's gold score as a judge, and its simulated raters: the functions gold(prompts,
     responses) -> [float], rank(prompt, responses, rater, rng) (one rater's ranking, as rank above)
-    and rate(candidates, seed=0, second_opinion=0.2) (rankings rows, as rate above)."""
+    and rate(candidates, seed=0, second_opinion=0.2) (rankings rows, as rate above). The raters rank
+    by seen_score(prompt, response) where it is given (what they can see: gold with blind spots),
+    else by gold."""
     def gold(prompts, responses):
         return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
+    def seen(prompts, responses):
+        return [(seen_score or gold_score)(p, r) for p, r in zip(prompts, responses)]
+
     def rank_by(prompt, responses, rater, rng):
-        return rank(gold, raters[rater], prompt, responses, rng)
+        return rank(seen, raters[rater], prompt, responses, rng)
 
     def rate_by(candidates, seed=0, second_opinion=0.2):
         return rate(rank_by, raters, candidates, seed, second_opinion)
