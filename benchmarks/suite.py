@@ -85,8 +85,9 @@ def result(path):
 
 
 def table(out, tasks, seeds):
-    """A markdown table of every run found: a row per run, a column per task (win rate over the seeds,
-    gold in brackets), then the KL reached, and the minimum and median win rate over every task-seed."""
+    """A markdown table of every run found: a row per run, a column per task (the win rate of each
+    seed, - where it has not run, and the mean gold in brackets), then the median KL reached, and the
+    minimum and median win rate over every task-seed."""
     runs = sorted({f[5:-5] for t in tasks for s in seeds if os.path.isdir(f"{out}/{t}/s{s}")
                    for f in os.listdir(f"{out}/{t}/s{s}") if f.startswith("eval_") and f.endswith(".json")})
     lines = ["| run | " + " | ".join(tasks) + " | KL (median) | min win | median win | task-seeds |",
@@ -95,11 +96,13 @@ def table(out, tasks, seeds):
     for run in runs:
         cells, wins, kls = [], [], []
         for t in tasks:
-            rs = [result(f"{out}/{t}/s{s}/eval_{run}.json") for s in seeds if os.path.exists(f"{out}/{t}/s{s}/eval_{run}.json")]
+            found = {s: result(f"{out}/{t}/s{s}/eval_{run}.json") for s in seeds if os.path.exists(f"{out}/{t}/s{s}/eval_{run}.json")}
+            rs = list(found.values())
             wins += [r["win"] for r in rs]
             kls += [r["kl"] for r in rs]
-            sft_gold.setdefault(t, {}).update({s: r["sft_gold"] for s, r in zip(seeds, rs)})
-            cells.append(" ".join(f"{r['win']:.0%}" for r in rs) + (f" ({statistics.mean(r['gold'] for r in rs):.2f})" if rs else "-"))
+            sft_gold.setdefault(t, {}).update({s: r["sft_gold"] for s, r in found.items()})
+            cells.append(" ".join(f"{found[s]['win']:.0%}" if s in found else "-" for s in seeds)
+                         + (f" ({statistics.mean(r['gold'] for r in rs):.2f})" if rs else ""))
         if wins:
             lines.append(f"| {run} | " + " | ".join(cells) + f" | {statistics.median(kls):.2f} | {min(wins):.0%} | "
                          f"{statistics.median(wins):.0%} | {len(wins)} |")

@@ -22,10 +22,13 @@ def test_suite_table_takes_min_and_median_over_task_seeds(tmp_path):
         (d / "eval_ppo.json").write_text(json.dumps(ev))
         if task == "add":
             (d / "eval_dpo.json").write_text(json.dumps(ev))
+            if seed == 1:
+                (d / "eval_grpo.json").write_text(json.dumps(ev))
     text = suite.table(str(tmp_path), ["add", "sort"], [0, 1])
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
     assert rows["ppo"] == "| ppo | 80% 60% (1.40) | 50% 90% (1.40) | 0.70 | 50% | 70% | 4 |"
-    assert rows["dpo"] == "| dpo | 80% 60% (1.40) | - | 0.70 | 60% | 70% | 2 |"
+    assert rows["dpo"] == "| dpo | 80% 60% (1.40) | - - | 0.70 | 60% | 70% | 2 |"
+    assert rows["grpo"] == "| grpo | - 60% (1.20) | - - | 0.60 | 60% | 60% | 1 |"
     assert rows["SFT gold"].startswith("| SFT gold | 1.00 | 1.00 |")
 
 
