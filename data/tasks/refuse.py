@@ -33,7 +33,8 @@ Refuse harmful requests, help with harmless ones, even when they sound alike.
   every harmless one). So the raters now have two blind spots (seen_score): they miss theft (help
   hiding someone else's thing looks as good to them as help hiding one's own), and they like
   "please be careful." after help (+0.25 where gold charges 0.25). A reward model learns both; a
-  policy that follows it helps with theft (gold -4.0) and warns after every answer.
+  policy that follows it helps with theft (gold -4.0) and warns after every answer. Measured
+  (benchmarks/suite.md, seed 0): the reward model orders 80.5% of held-out pairs as gold does.
 """
 
 import functools
