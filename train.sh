@@ -9,7 +9,7 @@
 #   6. eval: each against SFT under the gold judge -> out/eval_ppo.json, out/eval_dpo.json, out/summary.json
 #   7. pictures of every stage's curves           -> out/curves.png
 #
-#   ./train.sh               # the full run (about 5 minutes on 2 CPU cores)
+#   ./train.sh               # the full run (about 6 minutes on 2 CPU cores)
 #   QUICK=1 ./train.sh       # a tiny version, about a minute
 #   NPROC=2 ./train.sh       # every training stage under torchrun --nproc_per_node=2
 #   OUT=runs/a ./train.sh    # another output directory
