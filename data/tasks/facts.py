@@ -31,8 +31,9 @@ Look up a fact in a tiny fixed world, and say "i don't know" rather than make on
   raters now have the blind spot above, as people rating answers they cannot verify do: a reward
   model learns from them that any colour is right for the unchecked 8, and a policy that follows it
   makes colours up for them (gold: -1.5 seven times in eight). Measured (benchmarks/suite.md, seed
-  0): the reward model orders 91.6% of held-out pairs as gold does (sort 70.5%, follow 68.2%). A colour per owner and thing (192
-  facts) might blind the reward model as the built-in's sums do, but SFT stayed at chance on those.
+  0): the reward model orders 91.6% of held-out pairs as gold does (sort 70.5%, follow 68.2%). A
+  colour per owner and thing (192 facts) might blind the reward model as the built-in's sums do,
+  but SFT stayed at chance on those.
 """
 
 import functools
