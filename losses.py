@@ -87,7 +87,8 @@ def group_advantages(rewards, group_size, how):
     """Per-response advantages (B,) from rewards (B,), the B responses being B / group_size groups
     of group_size consecutive answers to one prompt:
     grpo: (r - group mean) / group std (Shao et al. 2024, DeepSeekMath, section 4.1);
-    rloo: r - the mean of the other K - 1 in its group (Ahmadian et al. 2024, "Back to Basics").
+    rloo: r - the mean of the other K - 1 in its group (Ahmadian et al. 2024, "Back to Basics");
+    mean: r - group mean (the baseline of REINFORCE++ with K > 1, before its whitening over the batch).
     Also returns keep (B,) bool: False for the responses of a group whose rewards are all equal,
     which carry no signal (every advantage 0, GRPO's std 0) and are dropped from the loss."""
     K = group_size
@@ -100,6 +101,8 @@ def group_advantages(rewards, group_size, how):
         advantages = (r - mean) / (spread + 1e-6)
     elif how == "rloo":
         advantages = (r - mean) * K / (K - 1)  # r - (sum - r) / (K - 1), rearranged
+    elif how == "mean":
+        advantages = r - mean
     else:
         raise ValueError(f"unknown group estimator {how!r}")
     return torch.where(keep, advantages, 0.0).reshape(-1), keep.reshape(-1)

@@ -376,12 +376,20 @@ def advantages(cfg, d, r, mask, kl_coef):
     are (B, N) per token for gae and reinforce_pp, (B,) per response for grpo and rloo."""
     in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     critic = r["old_values"] if "old_values" in r else torch.zeros_like(mask)
+    out = {"loss_mask": mask, "dropped_groups": 0.0}
+    scores = r["scores"]
+    if cfg.advantage == "reinforce_pp" and cfg.group_size > 1:
+        # REINFORCE++ with K > 1: each score less its group's mean first. A reward model trained on
+        # rankings leaves every prompt its own constant, which is noise to a batch-wide baseline.
+        scores, keep = group_advantages(scores, cfg.group_size, "mean")
+        out["loss_mask"] = mask * keep[:, None]
+        out["dropped_groups"] = (~keep).float().sum().item() / cfg.group_size
     # gae: KL-shaped rewards and GAE in one fused op. reinforce_pp: the same op with no critic and
     # lam = 1, which makes the advantage the return itself (REINFORCE++).
-    adv, returns, kl = ppo_advantages(r["scores"], r["old_logprobs"], r["ref_logprobs"], critic, mask, kl_coef=in_reward,
+    adv, returns, kl = ppo_advantages(scores, r["old_logprobs"], r["ref_logprobs"], critic, mask, kl_coef=in_reward,
                                       gamma=cfg.gamma, lam=cfg.lam if cfg.advantage == "gae" else 1.0,
                                       kl_estimator=cfg.kl_estimator)
-    out = {"returns": returns, "kl": kl, "loss_mask": mask, "dropped_groups": 0.0}
+    out.update(returns=returns, kl=kl)
     if cfg.advantage == "gae":
         out["advantages"] = masked_whiten(adv, mask, d) if cfg.whiten_advantages else adv
     elif cfg.advantage == "reinforce_pp":  # normalised over the global batch: the baseline of REINFORCE++
@@ -449,7 +457,7 @@ def update_metrics(cfg, d, rollout, r, step_stats, kl_per_response, mean_kl, kl_
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
         metrics["val/explained_var"] = (1 - var_residual / var_returns.clamp(min=1e-8)).item()
-    if cfg.group_size > 1 and cfg.advantage in ("grpo", "rloo"):
+    if cfg.group_size > 1 and cfg.advantage != "gae":
         metrics["rollout/dropped_groups"] = r["dropped_groups"]
     if gold:
         metrics["gold"] = sum(gold) / len(gold)

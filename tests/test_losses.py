@@ -200,6 +200,8 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
     adv, keep = group_advantages(torch.tensor([0.0, 4.0]), 2, "rloo")
     torch.testing.assert_close(adv, torch.tensor([-4.0, 4.0]))
+    adv, keep = group_advantages(rewards, 3, "mean")  # r - group mean (REINFORCE++ with groups)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
     with pytest.raises(ValueError):
         group_advantages(rewards, 3, "gae")
 
@@ -214,6 +216,24 @@ def test_reinforce_pp_returns_are_the_kl_shaped_reward_to_go():
     r = [-0.1 * 0.5, -0.1 * -1.0 + 2.0]  # k1 = logprobs - ref_logprobs = [0.5, -1.0]; the score on the last token
     torch.testing.assert_close(adv, torch.tensor([[r[0] + r[1], r[1], 0.0]]))
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0]]))
+
+
+def test_reinforce_pp_with_groups_takes_each_groups_mean_score_first():
+    # REINFORCE++ with K > 1: a prompt's own offset (free under a ranking loss) must not reach the advantages
+    import ppo
+    cfg = ppo.Config(advantage="reinforce_pp", group_size=2, kl_coef=0.0)
+    cfg.check()
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    r = {"scores": torch.tensor([10.0, 12.0, -3.0, -5.0]), "old_logprobs": -torch.ones(4, 2), "ref_logprobs": -torch.ones(4, 2)}
+    out = ppo.advantages(cfg, None, r, mask, kl_coef=0.0)
+    centred = torch.tensor([[-1.0, -1.0], [1.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])  # score less its pair's mean, to go
+    torch.testing.assert_close(out["returns"], centred)
+    torch.testing.assert_close(out["advantages"], masked_whiten(centred, mask))
+    # without groups (K = 1) the offsets stay, and whitening alone cannot remove them
+    cfg = ppo.Config(advantage="reinforce_pp", kl_coef=0.0)
+    cfg.check()
+    out = ppo.advantages(cfg, None, {k: v[[0, 2]] for k, v in r.items()}, mask[[0, 2]], kl_coef=0.0)
+    torch.testing.assert_close(out["returns"], torch.tensor([[10.0, 10.0], [-3.0, -3.0]]))
 
 
 def test_kl_penalty_estimators():
