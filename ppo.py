@@ -14,8 +14,9 @@ The advantage estimators (--advantage) share everything else, the clipped ratio 
                   model (started from the reward model), GAE (gamma, lam), advantages whitened
     grpo          K responses per prompt; (r - group mean) / group std (Shao et al. 2024); no value model
     rloo          K responses per prompt; r - mean of the other K - 1 (Ahmadian et al. 2024); no value model
-    reinforce_pp  REINFORCE++ (Hu 2025): per-token rewards as gae's, returns with lam = 1 and no
-                  critic, whitened over the whole batch; no value model
+    reinforce_pp  REINFORCE++ (Hu 2025): K responses per prompt, each score less its group's mean
+                  (the baseline variant), per-token rewards as gae's, returns with lam = 1 and no
+                  critic, whitened over the whole batch; no value model (--group_size 1: plain REINFORCE++)
 r is the score minus kl_coef times the response's KL estimate (--kl_in reward, k1: unbiased), or the
 score alone with the KL estimate (k3 by default) in the loss (--kl_in loss, as GRPO). Groups whose
 responses all score the same carry no signal: they are dropped from the loss and counted.
@@ -81,7 +82,7 @@ class Config(RunConfig):
     spread_vs_ref: bool = True  # with an ensemble: the std of each member's score minus its score of the reference's own response to the prompt (a ranking loss leaves a constant per prompt free; false: the std of the scores themselves)
     out: str = "out/ppo"  # output directory: ckpt.pt (policy), value.pt, metrics.jsonl, samples.jsonl, best.pt
     advantage: str = "gae"  # gae (PPO with a value model), grpo, rloo or reinforce_pp (critic-free: no value model)
-    group_size: int = 0  # responses per prompt in a rollout (0: 1 for gae and reinforce_pp, 4 for grpo and rloo)
+    group_size: int = 0  # responses per prompt in a rollout (0: 1 for gae, 4 for the critic-free estimators)
     loss_agg: str = "token"  # the policy loss over a minibatch: token mean, sequence (mean of each response's token mean), or constant (Dr. GRPO: sum / (responses x max_new_tokens))
     updates: int = 120  # rollout + optimisation rounds
     batch_size: int = 64  # responses per rollout, over all processes (batch_size / group_size prompts)
@@ -117,7 +118,7 @@ class Config(RunConfig):
     def check(self):
         check_positive(self, "updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
         check(self.advantage in ESTIMATORS, f"--advantage {self.advantage}: expected one of {', '.join(ESTIMATORS)}")
-        self.group_size = self.group_size or (4 if self.advantage in ("grpo", "rloo") else 1)
+        self.group_size = self.group_size or (1 if self.advantage == "gae" else 4)
         check(self.group_size >= 2 or self.advantage not in ("grpo", "rloo"),
               f"--advantage {self.advantage} compares the responses to one prompt: --group_size must be 2 or more")
         check(self.batch_size % self.group_size == 0,

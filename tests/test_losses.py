@@ -230,7 +230,7 @@ def test_reinforce_pp_with_groups_takes_each_groups_mean_score_first():
     torch.testing.assert_close(out["returns"], centred)
     torch.testing.assert_close(out["advantages"], masked_whiten(centred, mask))
     # without groups (K = 1) the offsets stay, and whitening alone cannot remove them
-    cfg = ppo.Config(advantage="reinforce_pp", kl_coef=0.0)
+    cfg = ppo.Config(advantage="reinforce_pp", group_size=1, kl_coef=0.0)
     cfg.check()
     out = ppo.advantages(cfg, None, {k: v[[0, 2]] for k, v in r.items()}, mask[[0, 2]], kl_coef=0.0)
     torch.testing.assert_close(out["returns"], torch.tensor([[10.0, 10.0], [-3.0, -3.0]]))
