@@ -4,6 +4,8 @@ Every method on every task of the suite, over seeds: the measurement that picks 
     python benchmarks/suite.py                                   # 5 tasks x 3 seeds x 5 methods, defaults
     python benchmarks/suite.py --tasks sort,follow --seeds 0 --methods ppo,grpo \\
         --variant kl05="--kl_coef 0.5"                           # the same with extra flags, named kl05
+    python benchmarks/suite.py --methods ppo --reward_variant e6="--epochs 6"   # reward models trained
+                                                                 # with extra flags (reward_e6/), runs ppo-e6
     python benchmarks/suite.py --table benchmarks/suite.md       # only the table of what has run
 
 Each task and seed gets train.sh's pipeline up to the reward model once, in OUT/TASK/sSEED/ (SFT,
@@ -44,14 +46,18 @@ def sh(log, *cmd):
             raise RuntimeError(f"{' '.join(cmd[:2])} failed: see {log}")
 
 
-def base(d, task, seed):
+def base(d, task, seed, rm="reward", rm_flags=()):
     """SFT, the ranked SFT samples and the reward model for one task and seed (once, also when two
-    suites run side by side: a file lock)."""
+    suites run side by side: a file lock); and a reward model d/RM trained with extra flags on the
+    same rankings, if asked."""
     os.makedirs(d, exist_ok=True)
     with open(f"{d}/.base.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(f"{d}/reward/ckpt.pt"):
             build_base(d, task, seed)
+        if not os.path.exists(f"{d}/{rm}/ckpt.pt"):
+            sh(f"{d}/logs/{rm}.log", "reward.py", "--data", f"{d}/rankings.jsonl", "--init", f"{d}/sft/ckpt.pt",
+               "--seed", str(seed), "--out", f"{d}/{rm}", "--overwrite", "true", *rm_flags)
 
 
 def build_base(d, task, seed):
@@ -65,9 +71,9 @@ def build_base(d, task, seed):
        "--out", f"{d}/reward", "--overwrite", "true")
 
 
-def train(d, task, seed, method, run, extra):
-    """One method from SFT, then its eval against SFT."""
-    sft, rm = f"{d}/sft/ckpt.pt", f"{d}/reward/ckpt.pt"
+def train(d, task, seed, method, run, extra, rm="reward"):
+    """One method from SFT (against the reward model d/RM), then its eval against SFT."""
+    sft, rm = f"{d}/sft/ckpt.pt", f"{d}/{rm}/ckpt.pt"
     common = ["--init", sft, "--ref", sft, "--seed", str(seed), "--out", f"{d}/{run}", "--overwrite", "true"]
     if method == "dpo":
         sh(f"{d}/logs/{run}.log", "dpo.py", "--data", f"{d}/rankings.jsonl", *common, *extra)
@@ -118,6 +124,8 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--variant", default="", help='NAME="FLAGS": the methods with these extra flags, as runs METHOD-NAME')
+    p.add_argument("--reward_variant", default="", help='NAME="FLAGS": a reward model trained with these extra '
+                   'flags (OUT/TASK/sSEED/reward_NAME), for runs named METHOD[-VARIANT]-NAME')
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
     p.add_argument("--table", default="", help="also write the table of every run found to this file")
     p.add_argument("--only_table", action="store_true", help="run nothing: the table of what has run")
@@ -131,6 +139,8 @@ def main():
             sys.exit(f"suite.py: --methods may name {', '.join(METHODS)}, not '{m}'")
     name, _, flags = args.variant.partition("=")
     extra, suffix = flags.split(), f"-{name}" if name else ""
+    rm_name, _, rm_flags = args.reward_variant.partition("=")
+    rm, suffix = (f"reward_{rm_name}", f"{suffix}-{rm_name}") if rm_name else ("reward", suffix)
     out = os.path.abspath(args.out)
 
     if not args.only_table:
@@ -139,8 +149,8 @@ def main():
             if os.path.exists(f"{d}/eval_{run}.json"):
                 return
             t0 = time.time()
-            base(d, t, s)
-            train(d, t, s, m, run, extra)
+            base(d, t, s, rm, rm_flags.split())
+            train(d, t, s, m, run, extra, rm)
             r = result(f"{d}/eval_{run}.json")
             print(f"{t} s{s} {run}: win {r['win']:.1%}, gold {r['sft_gold']:.2f} -> {r['gold']:.2f}, KL {r['kl']:.2f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
