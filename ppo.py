@@ -377,20 +377,17 @@ def advantages(cfg, d, r, mask, kl_coef):
     are (B, N) per token for gae and reinforce_pp, (B,) per response for grpo and rloo."""
     in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     critic = r["old_values"] if "old_values" in r else torch.zeros_like(mask)
-    out = {"loss_mask": mask, "dropped_groups": 0.0}
-    scores = r["scores"]
+    scores, keep = r["scores"], None  # keep: (B,) False for a group whose scores are all equal, dropped
     if cfg.advantage == "reinforce_pp" and cfg.group_size > 1:
         # REINFORCE++ with K > 1: each score less its group's mean first. A reward model trained on
         # rankings leaves every prompt its own constant, which is noise to a batch-wide baseline.
         scores, keep = group_advantages(scores, cfg.group_size, "mean")
-        out["loss_mask"] = mask * keep[:, None]
-        out["dropped_groups"] = (~keep).float().sum().item() / cfg.group_size
     # gae: KL-shaped rewards and GAE in one fused op. reinforce_pp: the same op with no critic and
     # lam = 1, which makes the advantage the return itself (REINFORCE++).
     adv, returns, kl = ppo_advantages(scores, r["old_logprobs"], r["ref_logprobs"], critic, mask, kl_coef=in_reward,
                                       gamma=cfg.gamma, lam=cfg.lam if cfg.advantage == "gae" else 1.0,
                                       kl_estimator=cfg.kl_estimator)
-    out.update(returns=returns, kl=kl)
+    out = {"returns": returns, "kl": kl}
     if cfg.advantage == "gae":
         out["advantages"] = masked_whiten(adv, mask, d) if cfg.whiten_advantages else adv
     elif cfg.advantage == "reinforce_pp":  # normalised over the global batch: the baseline of REINFORCE++
@@ -398,8 +395,8 @@ def advantages(cfg, d, r, mask, kl_coef):
     else:  # grpo / rloo: one reward per response, compared within its group
         rewards = r["scores"] - in_reward * (kl * mask).sum(1)
         out["advantages"], keep = group_advantages(rewards, cfg.group_size, cfg.advantage)
-        out["loss_mask"] = mask * keep[:, None]
-        out["dropped_groups"] = (~keep).float().sum().item() / cfg.group_size
+    out["loss_mask"] = mask if keep is None else mask * keep[:, None]
+    out["dropped_groups"] = 0.0 if keep is None else (~keep).float().sum().item() / cfg.group_size
     return out
 
 

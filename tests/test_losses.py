@@ -1,4 +1,4 @@
-"""The pure functions of losses.py (and scoring's conservative score, rollout's response mask),
+"""The pure functions of losses.py (and scoring's conservative score, rollout's response mask, ppo's advantages),
 each checked by hand on small examples: every loss and advantage the stages train with."""
 
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import ppo
 from data.formats import ranking_pairs
 from data.tokenizer import encode_rankings, get_tokenizer
 from kernels import ppo_advantages
@@ -220,7 +221,6 @@ def test_reinforce_pp_returns_are_the_kl_shaped_reward_to_go():
 
 def test_reinforce_pp_with_groups_takes_each_groups_mean_score_first():
     # REINFORCE++ with K > 1: a prompt's own offset (free under a ranking loss) must not reach the advantages
-    import ppo
     cfg = ppo.Config(advantage="reinforce_pp", group_size=2, kl_coef=0.0)
     cfg.check()
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
