@@ -43,7 +43,7 @@ def sh(log, *cmd):
     with open(log, "w") as f:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         if subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
-            raise RuntimeError(f"{' '.join(cmd[:2])} failed: see {log}")
+            raise RuntimeError(f"{' '.join(cmd[:2]) if cmd[0] == '-m' else cmd[0]} failed: see {log}")
 
 
 def base(d, task, seed, rm="reward", rm_flags=()):
@@ -158,8 +158,13 @@ def main():
         # every task-seed's first run before any second one, so the bases are built side by side
         todo = [(t, s, m) for m in methods for s in seeds for t in tasks]
         with ThreadPoolExecutor(args.jobs) as pool:
-            for f in [pool.submit(job, *j) for j in todo]:
-                f.result()
+            try:
+                for f in [pool.submit(job, *j) for j in todo]:
+                    f.result()
+            except RuntimeError as e:  # a stage failed: say which and where its log is, not a traceback
+                print(f"suite.py: {e}; the runs under way finish, no new one starts", file=sys.stderr, flush=True)
+                pool.shutdown(cancel_futures=True)
+                sys.exit(1)
     text = table(out, tasks, seeds)
     print(text)
     if args.table:

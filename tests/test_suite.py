@@ -37,3 +37,19 @@ def test_suite_refuses_an_unknown_task_or_method():
         r = subprocess.run([sys.executable, "benchmarks/suite.py", flag, value, "--out", "/nonexistent"],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode != 0 and f"not '{value.split(',')[1]}'" in r.stderr
+
+
+def test_suite_stage_failure_is_one_line_naming_its_log(tmp_path):
+    """A stage that fails stops the suite with one line that names the stage and its log, not a
+    traceback. Here a reward-model variant with a flag reward.py refuses, on a task-seed whose base
+    (SFT, rankings, reward model) is already there, so nothing else runs."""
+    d = tmp_path / "add" / "s0"
+    (d / "reward").mkdir(parents=True)
+    (d / "reward" / "ckpt.pt").write_text("")
+    r = subprocess.run([sys.executable, "benchmarks/suite.py", "--out", str(tmp_path), "--tasks", "add", "--seeds", "0",
+                        "--methods", "ppo", "--reward_variant", "bad=--no_such_flag 1", "--jobs", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    log = d / "logs" / "reward_bad.log"
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"suite.py: reward.py failed: see {log}; the runs under way finish, no new one starts"
+    assert "no_such_flag" in log.read_text()
