@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from common import Batches, ConfigError, Run, RunConfig, all_reduce_mean, apply_lora, check, check_out, check_positive, \
     check_tokenizers, cleanup, compute_dtype, done_line, keep_rows, load_model, make_optimizer, parse_config, print0, \
-    run_main, save_checkpoint, setup
+    lr_at, run_main, save_checkpoint, setup
 from data.tasks import from_spec, task_of
 from data.formats import DataError, held_out_prompts, load_prompts
 from data.tokenizer import get_tokenizer, use_chat_template
@@ -89,6 +89,7 @@ class Config(RunConfig):
     mini_batch_size: int = 16  # responses per gradient step, over all processes
     ppo_epochs: int = 4  # passes over each rollout
     lr: float = 1e-4  # Adam learning rate for policy and value model
+    lr_decay: bool = False  # cosine decay of the learning rate to a tenth by the last update (false: constant)
     max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
     temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
     cuda_graph: bool = True  # on GPU, replay the decode step as a CUDA graph (false: the plain eager step)
@@ -288,6 +289,9 @@ def main():
 
         # ---- 5. epochs of minibatches
         t0 = time.time()
+        if cfg.lr_decay:
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr_at(update, cfg.lr, 0, cfg.updates)
         step_stats = train_on_rollout(cfg, d, rollout, r, run.ddp_model, ddp_value, trained, run.optimizer, gen, local_mini,
                                       kl_coef)
         t_train = time.time() - t0
@@ -303,6 +307,7 @@ def main():
         gold = task.gold(batch_prompts, rollout.texts) if task else None  # monitoring only: never trained on
         metrics = update_metrics(cfg, d, rollout, r, step_stats, kl_per_response, mean_kl, kl_coef, gold)
         seconds = t_gen + t_score + t_train
+        metrics["lr"] = run.optimizer.param_groups[0]["lr"]
         metrics.update({"tok/s": round(float(rollout.seq_mask.sum()) * d.world_size / seconds), "time/generation": t_gen,
                         "time/scoring": t_score, "time/training": t_train})
         console = ["objective/score", f"objective/kl_{cfg.kl_estimator}", "gold", "objective/entropy", "ppo/clipfrac",
