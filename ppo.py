@@ -6,8 +6,8 @@ a KL penalty keeps it near the frozen SFT reference (InstructGPT, Ouyang et al. 
 Each update: 1. sample prompts; 2. generate responses (--group_size per prompt); 3. score them
 with the reward model and run the policy, the reference (and the value model) over the finished
 rollout; 4. advantages (--advantage); 5. several epochs of the clipped policy loss (and the value
-loss) over minibatches; 6. adapt the KL coefficient; 7. every --eval_every updates, evaluate on
-held-out prompts.
+loss) over minibatches, the learning rate decaying to a tenth by the last update; 6. adapt the KL
+coefficient; 7. every --eval_every updates, evaluate on held-out prompts.
 
 The advantage estimators (--advantage) share everything else, the clipped ratio objective included:
     gae           PPO: per-token rewards -kl_coef * KL_t plus the score on the last token, a value
@@ -89,7 +89,7 @@ class Config(RunConfig):
     mini_batch_size: int = 16  # responses per gradient step, over all processes
     ppo_epochs: int = 4  # passes over each rollout
     lr: float = 1e-4  # Adam learning rate for policy and value model
-    lr_decay: bool = False  # cosine decay of the learning rate to a tenth by the last update (false: constant)
+    lr_decay: bool = True  # cosine decay of the learning rate to a tenth by the last update (false: constant; chosen on the task suite, benchmarks/suite.md)
     max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
     temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
     cuda_graph: bool = True  # on GPU, replay the decode step as a CUDA graph (false: the plain eager step)

@@ -84,6 +84,8 @@ def test_ppo_first_ratio_is_exactly_one(tiny_ckpts, tmp_path):
     rows = [r for r in metrics(out) if "ppo/policy_loss" in r]  # the training rows (eval/* rows apart)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["ppo/first_ratio_error"] == 0.0
+    # the learning rate decays by default: cosine from 1e-4 to a tenth of it at the last update
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4 * (0.1 + 0.9 * 0.5), 1e-5])
     for row in rows:
         missing = [k for k in DESIGN_METRICS if k not in row]
         assert not missing, f"metrics not logged: {missing}"
