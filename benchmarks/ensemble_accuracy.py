@@ -1,47 +1,55 @@
 """
-How often a reward-model ensemble orders reward.py's held-out pairs as the hidden gold does: each
-member alone, and the members' mean (the score PPO optimises at --uncertainty_coef 0). A built-in
-task's run only: its rankings, its SFT trunk and the ensemble.
+How often a reward-model ensemble orders the held-out pairs as the hidden gold does: each member
+alone, and the members' mean (the score PPO optimises at --uncertainty_coef 0). For a task of the
+suite: the held-out rankings are the ones reward.py held out of the same file (--val_frac 0.1, by
+prompt), and a pair counts when the gold scores of its two responses differ, as reward.py's
+val/gold_accuracy counts it.
 
     python benchmarks/ensemble_accuracy.py --dir runs/suite/sort/s0 --reward reward_ens3
 """
 
 import argparse
+import itertools
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reward  # noqa: E402
-from common import parse_config  # noqa: E402
-from data.formats import load_rankings  # noqa: E402
-from data.tokenizer import get_tokenizer, ranking_data  # noqa: E402
-from scoring import load_ensemble  # noqa: E402
+from data.formats import load_rankings, split_rankings  # noqa: E402
+from data.tasks import task_of  # noqa: E402
+from data.tokenizer import encode_rankings, get_tokenizer  # noqa: E402
+from scoring import load_ensemble, score_sequences  # noqa: E402
 
 
-class Mean(torch.nn.Module):
-    """The members' mean score at every position, as one model."""
-
-    def __init__(self, members):
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-
-    def forward(self, ids, mask=None):
-        return torch.stack([m(ids, mask) for m in self.members]).mean(0)
+def gold_accuracy(scores, val, task):
+    """Share of the gold-ordered pairs of responses that scores (one per response, in val's order) order alike."""
+    right = total = start = 0
+    for seqs, _, row in val:
+        r, start = scores[start:start + len(seqs)].tolist(), start + len(seqs)
+        gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
+        for a, b in itertools.combinations(range(len(gold)), 2):
+            if gold[a] != gold[b]:
+                total += 1
+                right += (gold[a] > gold[b]) == (r[a] > r[b])
+    return right / total
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--dir", required=True, help="a task-seed's folder: rankings.jsonl, sft/ckpt.pt and the reward model")
+    p.add_argument("--dir", required=True, help="a task-seed's folder with rankings.jsonl and the reward model")
     p.add_argument("--reward", default="reward_ens3", help="the reward model's folder inside --dir")
+    p.add_argument("--val_frac", type=float, default=0.1, help="as reward.py's --val_frac")
     args = p.parse_args()
-    # the held-out split reward.py made: its own defaults on the same rankings
-    cfg = parse_config(reward.Config, ["--data", f"{args.dir}/rankings.jsonl", "--init", f"{args.dir}/sft/ckpt.pt"])
     members = load_ensemble(f"{args.dir}/{args.reward}/ckpt.pt")
     enc = get_tokenizer(members[0].config.tokenizer)
-    _, val, _ = ranking_data(cfg, load_rankings(cfg.data, stats={}), enc, members[0].config.block_size, {}, stage="reward")
-    accuracy = [reward.evaluate(m, val, enc.eot_token, "cpu")["val/gold_accuracy"] for m in [*members, Mean(members)]]
+    _, val_rows = split_rankings(load_rankings(f"{args.dir}/rankings.jsonl", stats={}), args.val_frac)
+    val = encode_rankings(enc, val_rows, members[0].config.block_size, {})
+    task = task_of(row["prompt"] for _, _, row in val)
+    seqs = [s for ss, _, _ in val for s in ss]
+    with torch.no_grad():
+        scores = torch.stack([score_sequences(m, seqs, enc.eot_token, "cpu") for m in members])  # (K, N)
+    accuracy = [gold_accuracy(s, val, task) for s in [*scores, scores.mean(0)]]
     print(f"{args.dir}/{args.reward}: members " + " ".join(f"{a:.1%}" for a in accuracy[:-1]) + f", mean {accuracy[-1]:.1%}")
 
 
