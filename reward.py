@@ -29,7 +29,6 @@ Data: rankings JSONL {prompt, responses, ranking, rater?}; preference pairs {pro
 rejected} and HH-RLHF {chosen, rejected} files work as they are.
 """
 
-import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from data.formats import load_rankings, ranking_pairs, split_rankings
 from data.tokenizer import encode_examples, get_tokenizer, ranking_data, use_chat_template
 from losses import ranking_loss
 from rollout import sample_responses, task_rankings
-from scoring import member_dir, score_sequences
+from scoring import gold_agreement, member_dir, score_sequences
 
 
 @dataclass
@@ -236,17 +235,8 @@ def evaluate(model, val, eot, device, max_tokens=None):
     model.eval()
     rewards = score_sequences(model, [s for seqs, _, _ in val for s in seqs], eot, device, max_tokens)
     margins = ranking_loss(rewards, val)[1]
-    gold_right, gold_total, start = 0, 0, 0
     task = task_of([row["prompt"] for _, _, row in val])  # a task of the suite: its hidden gold orders the pairs too
-    for seqs, _, row in val:
-        r, start = rewards[start:start + len(seqs)].tolist(), start + len(seqs)
-        if task is None:
-            continue
-        gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
-        for a, b in itertools.combinations(range(len(gold)), 2):
-            if gold[a] != gold[b]:
-                gold_total += 1
-                gold_right += (gold[a] > gold[b]) == (r[a] > r[b])
+    gold_right, gold_total = gold_agreement(rewards, val, task) if task else (0, 0)
     model.train()
     metrics = {"val/accuracy": (margins > 0).float().mean().item(), "val/margin": margins.mean().item()}
     if gold_total:

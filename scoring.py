@@ -8,6 +8,7 @@ what PPO maximises (reward models and/or a judge function).
     rollout_score                         the score PPO maximises, and its parts for logging
 """
 
+import itertools
 import os
 
 import torch
@@ -35,6 +36,21 @@ def score_sequences(model, seqs, eot, device, max_tokens=None):
         scores.append(last_token_scores(model, ids.to(device), mask.to(device), left_padded=False))
     return torch.cat(scores)
 
+
+
+def gold_agreement(scores, rankings, task):
+    """(right, total): of every pair of responses in rankings ([(sequences, pairs, row)], as
+    encode_rankings gives them) whose hidden gold scores differ, how many scores (one per response,
+    in order) order as gold does."""
+    right = total = start = 0
+    for seqs, _, row in rankings:
+        r, start = scores[start:start + len(seqs)].tolist(), start + len(seqs)
+        gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
+        for a, b in itertools.combinations(range(len(gold)), 2):
+            if gold[a] != gold[b]:
+                total += 1
+                right += (gold[a] > gold[b]) == (r[a] > r[b])
+    return right, total
 
 # ----------------------------------------------------------------------------- ensembles
 

@@ -9,7 +9,6 @@ val/gold_accuracy counts it.
 """
 
 import argparse
-import itertools
 import os
 import sys
 
@@ -19,20 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.formats import load_rankings, split_rankings  # noqa: E402
 from data.tasks import task_of  # noqa: E402
 from data.tokenizer import encode_rankings, get_tokenizer  # noqa: E402
-from scoring import load_ensemble, score_sequences  # noqa: E402
-
-
-def gold_accuracy(scores, val, task):
-    """Share of the gold-ordered pairs of responses that scores (one per response, in val's order) order alike."""
-    right = total = start = 0
-    for seqs, _, row in val:
-        r, start = scores[start:start + len(seqs)].tolist(), start + len(seqs)
-        gold = [task.gold_score(row["prompt"], resp) for resp in row["responses"]]
-        for a, b in itertools.combinations(range(len(gold)), 2):
-            if gold[a] != gold[b]:
-                total += 1
-                right += (gold[a] > gold[b]) == (r[a] > r[b])
-    return right / total
+from scoring import gold_agreement, load_ensemble, score_sequences  # noqa: E402
 
 
 def main():
@@ -49,7 +35,7 @@ def main():
     seqs = [s for ss, _, _ in val for s in ss]
     with torch.no_grad():
         scores = torch.stack([score_sequences(m, seqs, enc.eot_token, "cpu") for m in members])  # (K, N)
-    accuracy = [gold_accuracy(s, val, task) for s in [*scores, scores.mean(0)]]
+    accuracy = [right / total for right, total in (gold_agreement(s, val, task) for s in [*scores, scores.mean(0)])]
     print(f"{args.dir}/{args.reward}: members " + " ".join(f"{a:.1%}" for a in accuracy[:-1]) + f", mean {accuracy[-1]:.1%}")
 
 
