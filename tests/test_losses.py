@@ -1,4 +1,5 @@
-"""The pure functions of losses.py (and scoring's conservative score, rollout's response mask, ppo's advantages),
+"""The pure functions of losses.py (and scoring's conservative score and gold agreement, rollout's response mask,
+ppo's advantages),
 each checked by hand on small examples: every loss and advantage the stages train with."""
 
 import math
@@ -13,7 +14,7 @@ from kernels import ppo_advantages
 from losses import (aggregate, best_nll, dpo_loss, group_advantages, kl_penalty, masked_mean, masked_whiten,
                     policy_loss, ranking_loss, value_loss)
 from rollout import response_mask
-from scoring import conservative_score
+from scoring import conservative_score, gold_agreement
 
 
 def nll(margin):
@@ -264,3 +265,14 @@ def test_policy_loss_takes_a_per_response_advantage():
     per_response = policy_loss(logprobs, torch.zeros(2, 2), torch.tensor([1.0, -2.0]), torch.ones(2, 2), 0.2)[0]
     per_token = policy_loss(logprobs, torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [-2.0, -2.0]]), torch.ones(2, 2), 0.2)[0]
     assert per_response.item() == pytest.approx(per_token.item()) and per_token.item() == pytest.approx((-1.1 - 0.9 + 4) / 4)
+
+
+def test_gold_agreement_counts_only_pairs_that_gold_orders():
+    # two rankings of 3 and 2 responses; the gold ties b and c in the first, so that pair never counts
+    class Gold:
+        def gold_score(self, prompt, response):
+            return {"a": 1.0, "b": 2.0, "c": 2.0, "d": 0.0, "e": 5.0}[response]
+    rankings = [([[1], [2], [3]], [], {"prompt": "p", "responses": ["a", "b", "c"]}),
+                ([[4], [5]], [], {"prompt": "q", "responses": ["d", "e"]})]
+    scores = torch.tensor([0.5, 0.1, 0.9, 1.0, 0.0])  # a<b wrong, a<c right; d<e wrong
+    assert gold_agreement(scores, rankings, Gold()) == (1, 3)
