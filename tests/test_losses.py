@@ -1,6 +1,6 @@
-"""The pure functions of losses.py (and scoring's conservative score and gold agreement, rollout's response mask,
-ppo's advantages),
-each checked by hand on small examples: every loss and advantage the stages train with."""
+"""The pure functions of losses.py (and scoring's conservative score and gold agreement, rollout's
+response mask, ppo's advantages), each checked by hand on small examples: every loss and advantage
+the stages train with."""
 
 import math
 
