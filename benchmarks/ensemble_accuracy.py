@@ -15,7 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.formats import load_rankings, split_rankings  # noqa: E402
+from common import run_main  # noqa: E402
+from data.formats import DataError, load_rankings, split_rankings  # noqa: E402
 from data.tasks import task_of  # noqa: E402
 from data.tokenizer import encode_rankings, get_tokenizer  # noqa: E402
 from scoring import gold_agreement, load_ensemble, score_sequences  # noqa: E402
@@ -32,6 +33,8 @@ def main():
     _, val_rows = split_rankings(load_rankings(f"{args.dir}/rankings.jsonl", stats={}), args.val_frac)
     val = encode_rankings(enc, val_rows, members[0].config.block_size, {})
     task = task_of(row["prompt"] for _, _, row in val)
+    if task is None:
+        raise DataError(f"{args.dir}/rankings.jsonl: not the prompts of a task of the suite, so there is no gold to compare with")
     seqs = [s for ss, _, _ in val for s in ss]
     with torch.no_grad():
         scores = torch.stack([score_sequences(m, seqs, enc.eot_token, "cpu") for m in members])  # (K, N)
@@ -40,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
