@@ -22,7 +22,7 @@ score alone with the KL estimate (k3 by default) in the loss (--kl_in loss, as G
 responses all score the same carry no signal: they are dropped from the loss and counted.
 
     python ppo.py                            # built-in task: out/sft policy, out/reward reward model
-    python ppo.py --advantage grpo           # GRPO: 4 responses per prompt, no value model
+    python ppo.py --advantage grpo           # GRPO: 4 responses to each of 32 prompts an update, no value model
     python ppo.py --init out/sft/ckpt.pt --reward out/reward/ckpt.pt --data prompts.jsonl --out out/ppo
     python ppo.py --reward_fn judges/great_day.py:great_day --data task   # a judge function, no reward model
     python ppo.py --reward out/reward3 --uncertainty_coef 1 --keep_best true    # an ensemble, conservative
@@ -85,7 +85,7 @@ class Config(RunConfig):
     group_size: int = 0  # responses per prompt in a rollout (0: 1 for gae, 4 for the critic-free estimators)
     loss_agg: str = "token"  # the policy loss over a minibatch: token mean, sequence (mean of each response's token mean), or constant (Dr. GRPO: sum / (responses x max_new_tokens))
     updates: int = 120  # rollout + optimisation rounds
-    batch_size: int = 64  # responses per rollout, over all processes (batch_size / group_size prompts)
+    batch_size: int = 0  # responses per rollout, over all processes (/ group_size prompts); 0: 64 for gae, 128 for the critic-free ones (about as long an update: benchmarks/suite.md)
     mini_batch_size: int = 16  # responses per gradient step, over all processes
     ppo_epochs: int = 4  # passes over each rollout
     lr: float = 1e-4  # Adam learning rate for policy and value model
@@ -117,9 +117,10 @@ class Config(RunConfig):
     log_samples_every: int = 10  # updates between a few logged samples in OUT/samples.jsonl (0: never)
 
     def check(self):
-        check_positive(self, "updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
         check(self.advantage in ESTIMATORS, f"--advantage {self.advantage}: expected one of {', '.join(ESTIMATORS)}")
         self.group_size = self.group_size or (1 if self.advantage == "gae" else 4)
+        self.batch_size = self.batch_size or (64 if self.advantage == "gae" else 128)
+        check_positive(self, "updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
         check(self.group_size >= 2 or self.advantage not in ("grpo", "rloo"),
               f"--advantage {self.advantage} compares the responses to one prompt: --group_size must be 2 or more")
         check(self.batch_size % self.group_size == 0,

@@ -45,7 +45,7 @@ def test_help_exits_0(capsys, monkeypatch, script):
     ("sft", ["--batch_size", 0], ["--batch_size", "1 or more"]),
     ("sft", ["--batch_size", -4], ["--batch_size", "1 or more"]),
     ("dpo", ["--batch_size", 0], ["--batch_size", "1 or more"]),
-    ("ppo", ["--batch_size", 0], ["--batch_size", "1 or more"]),
+    ("ppo", ["--batch_size", -4], ["--batch_size", "1 or more"]),
     ("ppo", ["--mini_batch_size", 8, "--batch_size", 4], ["--batch_size 4", "multiple of --mini_batch_size 8"]),
     ("ppo", ["--advantage", "grpo", "--group_size", 1], ["--group_size", "2 or more"]),
     ("ppo", ["--advantage", "ppo"], ["--advantage ppo", "gae, grpo"]),

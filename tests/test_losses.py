@@ -237,6 +237,18 @@ def test_reinforce_pp_with_groups_takes_each_groups_mean_score_first():
     torch.testing.assert_close(out["returns"], torch.tensor([[10.0, 10.0], [-3.0, -3.0]]))
 
 
+def test_rl_batch_default_depends_on_the_estimator():
+    # --batch_size 0 and --group_size 0 pick the suite's defaults: 64 prompts x 1 response for gae,
+    # 32 prompts x 4 for the critic-free estimators; a batch given on the command line stays
+    for advantage, want in {"gae": (64, 1), "grpo": (128, 4), "rloo": (128, 4), "reinforce_pp": (128, 4)}.items():
+        cfg = ppo.Config(advantage=advantage)
+        cfg.check()
+        assert (cfg.batch_size, cfg.group_size) == want, advantage
+    cfg = ppo.Config(advantage="grpo", batch_size=32)
+    cfg.check()
+    assert (cfg.batch_size, cfg.group_size) == (32, 4)
+
+
 def test_kl_penalty_estimators():
     logprobs, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     log_r = ref - logprobs  # [-0.5, 1.0]
