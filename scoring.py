@@ -37,7 +37,6 @@ def score_sequences(model, seqs, eot, device, max_tokens=None):
     return torch.cat(scores)
 
 
-
 def gold_agreement(scores, rankings, task):
     """(right, total): of every pair of responses in rankings ([(sequences, pairs, row)], as
     encode_rankings gives them) whose hidden gold scores differ, how many scores (one per response,
@@ -51,6 +50,7 @@ def gold_agreement(scores, rankings, task):
                 total += 1
                 right += (gold[a] > gold[b]) == (r[a] > r[b])
     return right, total
+
 
 # ----------------------------------------------------------------------------- ensembles
 
