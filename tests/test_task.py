@@ -1,10 +1,20 @@
 """The built-in task: disjoint splits, the gold judge, the noisy demonstrator, the simulated raters."""
 
+import os
 import random
+import re
+import subprocess
+import sys
 
+import torch
+
+import common
+import sft
+from conftest import ROOT
 from data import task
 from data.formats import ranking_pairs
 from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig
 
 
 def test_splits_are_disjoint_and_cover_every_prompt():
@@ -55,3 +65,25 @@ def test_task_tokenizer_round_trips_and_is_small():
         text = d["prompt"] + d["response"]
         assert enc.decode(enc.encode(text)) == text
         assert len(enc.encode(text)) < 48
+
+
+def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path):
+    """benchmarks/reward_probe.py: each change costs gold on every prompt (so the order it checks the
+    reward model against is gold's), and it prints a row per change for a reward model."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import reward_probe
+
+    rows = reward_probe.pairs(50)
+    for prompt, best, changed in rows:
+        assert task.gold_score(prompt, best) == 3.0
+        assert set(changed) == set(reward_probe.CHANGES) and len(set(changed.values())) == len(changed)
+        assert all(task.gold_score(prompt, r) < 3.0 for r in changed.values()), changed
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2, n_embd=32,
+                       head="scalar", tokenizer="task")
+    common.save_checkpoint(str(tmp_path / "reward.pt"), GPT(config), kind="reward", config=sft.Config(), step=0)
+    proc = subprocess.run([sys.executable, "benchmarks/reward_probe.py", str(tmp_path / "reward.pt"), "--n", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for change in reward_probe.CHANGES:
+        assert re.search(rf"^\| {re.escape(change)} \(\+\d\.\d\) \| \d+% \([+-]\d\.\d\d\) \|$", proc.stdout, re.M), proc.stdout

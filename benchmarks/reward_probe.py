@@ -1,0 +1,68 @@
+"""
+What a reward model of the built-in task can read: for test prompts, the best response (the right
+name, the right sum, polite, brief) against the same response with one thing changed, and how
+often the reward model scores the two in the order the hidden gold does. An RL method can only
+learn what its reward model tells apart; where it orders a change as gold does half the time or
+less, the policy gains nothing there, or learns the wrong way round.
+
+    python benchmarks/reward_probe.py runs/suite/add/s0/reward/ckpt.pt runs/suite/add/s1/reward/ckpt.pt
+"""
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import load_model, run_main  # noqa: E402
+from data import task  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
+from scoring import score_sequences  # noqa: E402
+
+CHANGES = ("another's name", "no name", "a wrong sum", "rambling", "no thanks", "rude")
+
+
+def pairs(n):
+    """[(prompt, best response, {change: the best response with that one change})] for n test prompts."""
+    rng, out = random.Random(0), []
+    for prompt in task.prompts("test")[:n]:
+        name, a, b = task.parse_prompt(prompt)
+        other = rng.choice([x for x in task.NAMES if x != name])
+        best = f" hi {name}! {a} plus {b} is {a + b}. glad to help!"
+        changed = [best.replace(f"hi {name}!", f"hi {other}!"), best.replace(f"hi {name}!", "hello!"),
+                   best.replace(f"is {a + b}.", f"is {a + b + 1}."), best.replace("! ", "! um, let me think. ", 1),
+                   best.replace(" glad to help!", ""), best.replace("glad to help!", "ugh, that was easy.")]
+        out.append((prompt, best, dict(zip(CHANGES, changed))))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("reward", nargs="+", help="reward model checkpoints of the built-in task")
+    p.add_argument("--n", type=int, default=400, help="test prompts")
+    args = p.parse_args()
+    rows = pairs(args.n)
+    cells = {change: [] for change in CHANGES}
+    for path in args.reward:
+        model = load_model(path, kind="reward").eval()
+        enc = get_tokenizer(model.config.tokenizer)
+        for change in CHANGES:
+            seqs = [enc.encode(prompt + r) + [enc.eot_token] for prompt, best, changed in rows
+                    for r in (best, changed[change])]
+            with torch.no_grad():
+                s = score_sequences(model, seqs, enc.eot_token, "cpu", max_tokens=8192).view(-1, 2)
+            diff = s[:, 0] - s[:, 1]
+            cells[change].append(f"{(diff > 0).float().mean():.0%} ({diff.mean():+.2f})")
+    print(f"{len(rows)} test prompts. A cell: how often the reward model scores the best response above the "
+          "changed one (gold always does), and the mean difference of the two scores")
+    print("| change (its cost in gold) | " + " | ".join(args.reward) + " |")
+    print("|---|" + "---|" * len(args.reward))
+    for change in CHANGES:
+        gold = sum(task.gold_score(p, best) - task.gold_score(p, changed[change]) for p, best, changed in rows) / len(rows)
+        print(f"| {change} ({gold:+.1f}) | " + " | ".join(cells[change]) + " |")
+
+
+if __name__ == "__main__":
+    run_main(main)
