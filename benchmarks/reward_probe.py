@@ -3,7 +3,9 @@ What a reward model of the built-in task can read: for test prompts, the best re
 name, the right sum, polite, brief) against the same response with one thing changed, and how
 often the reward model scores the two in the order the hidden gold does. An RL method can only
 learn what its reward model tells apart; where it orders a change as gold does half the time or
-less, the policy gains nothing there, or learns the wrong way round.
+less, the policy gains nothing there, or learns the wrong way round. Then the win rate that
+politeness and brevity alone are worth: the demonstrator's responses with those done right against
+its own, under gold.
 
     python benchmarks/reward_probe.py runs/suite/add/s0/reward/ckpt.pt runs/suite/add/s1/reward/ckpt.pt
 """
@@ -38,6 +40,27 @@ def pairs(n):
     return out
 
 
+def polished(response):
+    """A demonstration with all that these reward models read done right: no filler, no closing but
+    "glad to help!"; its greeting and sum are left as they were."""
+    for text in sorted((t for _, t in task.FILLERS + task.CLOSINGS if t), key=len, reverse=True):
+        response = response.replace(" " + text, "")  # the longest first: one may begin another
+    return response + " glad to help!"
+
+
+def ceiling(seeds=3):
+    """Win rate under gold of polished demonstrations against the demonstrator's own, on every test
+    prompt, one per seed: about what a policy gains from politeness and brevity alone."""
+    prompts = task.prompts("test")
+    rates = []
+    for seed in range(seeds):
+        a, b = task.demonstrations("test", seed=2 * seed), task.demonstrations("test", seed=2 * seed + 1)
+        scores = [(task.gold_score(p, polished(x["response"])), task.gold_score(p, y["response"]))
+                  for p, x, y in zip(prompts, a, b)]
+        rates.append(sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in scores) / len(scores))
+    return len(prompts), rates
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("reward", nargs="+", help="reward model checkpoints of the built-in task")
@@ -62,6 +85,9 @@ def main():
     for change in CHANGES:
         gold = sum(task.gold_score(p, best) - task.gold_score(p, changed[change]) for p, best, changed in rows) / len(rows)
         print(f"| {change} ({gold:+.1f}) | " + " | ".join(cells[change]) + " |")
+    n, rates = ceiling()
+    print(f"the demonstrator with no filler and only 'glad to help!' against itself, under gold, on {n} test "
+          "prompts, three seeds: " + ", ".join(f"{r:.1%}" for r in rates))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,11 @@ def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path)
         assert task.gold_score(prompt, best) == 3.0
         assert set(changed) == set(reward_probe.CHANGES) and len(set(changed.values())) == len(changed)
         assert all(task.gold_score(prompt, r) < 3.0 for r in changed.values()), changed
+    # the ceiling's polish: every filler and closing out, "glad to help!" in, greeting and sum kept
+    p = "mia: can you add 3 and 4?\nbot:"
+    for r in (" hi bob! um, let me think. this is a hard one. 3 plus 4 is 8. glad to help! have a great day!",
+              " hi bob! 3 plus 4 is 8. ugh, that was easy.", " hi bob! um, let me think. 3 plus 4 is 8."):
+        assert reward_probe.polished(r) == " hi bob! 3 plus 4 is 8. glad to help!"
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2, n_embd=32,
                        head="scalar", tokenizer="task")
@@ -87,3 +92,4 @@ def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for change in reward_probe.CHANGES:
         assert re.search(rf"^\| {re.escape(change)} \(\+\d\.\d\) \| \d+% \([+-]\d\.\d\d\) \|$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"three seeds: (\d+\.\d%, ){2}\d+\.\d%$", proc.stdout, re.M), proc.stdout
