@@ -79,7 +79,6 @@ def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path)
         assert set(changed) == set(reward_probe.CHANGES) and len(set(changed.values())) == len(changed)
         assert all(task.gold_score(prompt, r) < 3.0 for r in changed.values()), changed
     # the ceiling's polish: every filler and closing out, "glad to help!" in, greeting and sum kept
-    p = "mia: can you add 3 and 4?\nbot:"
     for r in (" hi bob! um, let me think. this is a hard one. 3 plus 4 is 8. glad to help! have a great day!",
               " hi bob! 3 plus 4 is 8. ugh, that was easy.", " hi bob! um, let me think. 3 plus 4 is 8."):
         assert reward_probe.polished(r) == " hi bob! 3 plus 4 is 8. glad to help!"
