@@ -88,7 +88,7 @@ class Config(RunConfig):
     batch_size: int = 0  # responses per rollout, over all processes (/ group_size prompts); 0: 64 for gae, 128 for the critic-free ones (about as long an update: benchmarks/suite.md)
     mini_batch_size: int = 16  # responses per gradient step, over all processes
     ppo_epochs: int = 4  # passes over each rollout
-    lr: float = 1e-4  # Adam learning rate for policy and value model
+    lr: float = 0.0  # Adam learning rate for policy and value model (0: 1e-4, and 2e-4 for grpo, whose batch is twice PPO's: benchmarks/suite.md)
     lr_decay: bool = True  # cosine decay of the learning rate to a tenth by the last update (false: constant; chosen on the task suite, benchmarks/suite.md)
     max_new_tokens: int = 40  # longest response; one that ends without EOS is penalised
     temperature: float = 1.0  # sampling temperature, also used for every log-prob (N+ details)
@@ -120,6 +120,8 @@ class Config(RunConfig):
         check(self.advantage in ESTIMATORS, f"--advantage {self.advantage}: expected one of {', '.join(ESTIMATORS)}")
         self.group_size = self.group_size or (1 if self.advantage == "gae" else 4)
         self.batch_size = self.batch_size or (64 if self.advantage == "gae" else 128)
+        self.lr = self.lr or (2e-4 if self.advantage == "grpo" else 1e-4)
+        check(self.lr > 0, f"--lr must be above 0, not {self.lr}")
         check_positive(self, "updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
         check(self.group_size >= 2 or self.advantage not in ("grpo", "rloo"),
               f"--advantage {self.advantage} compares the responses to one prompt: --group_size must be 2 or more")

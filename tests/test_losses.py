@@ -237,16 +237,18 @@ def test_reinforce_pp_with_groups_takes_each_groups_mean_score_first():
     torch.testing.assert_close(out["returns"], torch.tensor([[10.0, 10.0], [-3.0, -3.0]]))
 
 
-def test_rl_batch_default_depends_on_the_estimator():
-    # --batch_size 0 and --group_size 0 pick the suite's defaults: 64 prompts x 1 response for gae,
-    # 32 prompts x 4 for the critic-free estimators; a batch given on the command line stays
-    for advantage, want in {"gae": (64, 1), "grpo": (128, 4), "rloo": (128, 4), "reinforce_pp": (128, 4)}.items():
+def test_rl_batch_and_lr_defaults_depend_on_the_estimator():
+    # --batch_size 0, --group_size 0 and --lr 0 pick the suite's defaults: 64 prompts x 1 response
+    # for gae, 32 prompts x 4 for the critic-free estimators, GRPO at twice the learning rate; what
+    # the command line gives stays
+    want = {"gae": (64, 1, 1e-4), "grpo": (128, 4, 2e-4), "rloo": (128, 4, 1e-4), "reinforce_pp": (128, 4, 1e-4)}
+    for advantage, (batch, group, lr) in want.items():
         cfg = ppo.Config(advantage=advantage)
         cfg.check()
-        assert (cfg.batch_size, cfg.group_size) == want, advantage
-    cfg = ppo.Config(advantage="grpo", batch_size=32)
+        assert (cfg.batch_size, cfg.group_size, cfg.lr) == (batch, group, lr), advantage
+    cfg = ppo.Config(advantage="grpo", batch_size=32, lr=5e-5)
     cfg.check()
-    assert (cfg.batch_size, cfg.group_size) == (32, 4)
+    assert (cfg.batch_size, cfg.group_size, cfg.lr) == (32, 4, 5e-5)
 
 
 def test_kl_penalty_estimators():
