@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_model, run_main  # noqa: E402
+from common import ConfigError, load_model, run_main  # noqa: E402
 from data import task  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from scoring import score_sequences  # noqa: E402
@@ -70,6 +70,8 @@ def main():
     cells = {change: [] for change in CHANGES}
     for path in args.reward:
         model = load_model(path, kind="reward").eval()
+        if model.config.tokenizer != "task":
+            raise ConfigError(f"{path}: a reward model of {model.config.tokenizer!r}, not of the built-in task")
         enc = get_tokenizer(model.config.tokenizer)
         for change in CHANGES:
             seqs = [enc.encode(prompt + r) + [enc.eot_token] for prompt, best, changed in rows

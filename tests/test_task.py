@@ -92,3 +92,10 @@ def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path)
     for change in reward_probe.CHANGES:
         assert re.search(rf"^\| {re.escape(change)} \(\+\d\.\d\) \| \d+% \([+-]\d\.\d\d\) \|$", proc.stdout, re.M), proc.stdout
     assert re.search(r"three seeds: (\d+\.\d%, ){2}\d+\.\d%$", proc.stdout, re.M), proc.stdout
+    # a reward model of another task of the suite is refused in one line, not scored on foreign text
+    sort = GPTConfig(block_size=64, vocab_size=get_tokenizer("task:sort").n_vocab, n_layer=1, n_head=2, n_embd=32,
+                     head="scalar", tokenizer="task:sort")
+    common.save_checkpoint(str(tmp_path / "sort.pt"), GPT(sort), kind="reward", config=sft.Config(), step=0)
+    proc = subprocess.run([sys.executable, "benchmarks/reward_probe.py", str(tmp_path / "sort.pt"), "--n", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not of the built-in task" in proc.stderr.strip().splitlines()[-1], proc.stderr
