@@ -32,7 +32,7 @@ from data.tokenizer import encode_examples, get_tokenizer, use_chat_template
 from judges import judge_fn
 from model import Sampler
 from rollout import encode_prompts, exact_kl, generate, sequence_logprobs
-from scoring import load_ensemble, member_scores
+from scoring import load_ensemble, member_scores, win_rate
 
 
 @dataclass
@@ -99,11 +99,6 @@ def perplexity(model, demos, max_tokens):
 
 def mean(xs):
     return sum(xs) / len(xs) if xs else None
-
-
-def win_rate(a, b):
-    """How often score a beats score b, prompt by prompt; ties count half."""
-    return mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
 
 
 def main():

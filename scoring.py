@@ -37,6 +37,11 @@ def score_sequences(model, seqs, eot, device, max_tokens=None):
     return torch.cat(scores)
 
 
+def win_rate(a, b):
+    """How often score a beats score b, prompt by prompt; ties count half."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
 def gold_agreement(scores, rankings, task):
     """(right, total): of every pair of responses in rankings ([(sequences, pairs, row)], as
     encode_rankings gives them) whose hidden gold scores differ, how many scores (one per response,

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import ConfigError, load_model, run_main  # noqa: E402
 from data import task  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
-from scoring import score_sequences  # noqa: E402
+from scoring import score_sequences, win_rate  # noqa: E402
 
 CHANGES = ("another's name", "no name", "a wrong sum", "rambling", "no thanks", "rude")
 
@@ -55,9 +55,8 @@ def ceiling(seeds=3):
     rates = []
     for seed in range(seeds):
         a, b = task.demonstrations("test", seed=2 * seed), task.demonstrations("test", seed=2 * seed + 1)
-        scores = [(task.gold_score(p, polished(x["response"])), task.gold_score(p, y["response"]))
-                  for p, x, y in zip(prompts, a, b)]
-        rates.append(sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in scores) / len(scores))
+        rates.append(win_rate([task.gold_score(p, polished(x["response"])) for p, x in zip(prompts, a)],
+                               [task.gold_score(p, y["response"]) for p, y in zip(prompts, b)]))
     return len(prompts), rates
 
 
@@ -73,12 +72,14 @@ def main():
         if model.config.tokenizer != "task":
             raise ConfigError(f"{path}: a reward model of {model.config.tokenizer!r}, not of the built-in task")
         enc = get_tokenizer(model.config.tokenizer)
-        for change in CHANGES:
-            seqs = [enc.encode(prompt + r) + [enc.eot_token] for prompt, best, changed in rows
-                    for r in (best, changed[change])]
-            with torch.no_grad():
-                s = score_sequences(model, seqs, enc.eot_token, "cpu", max_tokens=8192).view(-1, 2)
-            diff = s[:, 0] - s[:, 1]
+        # each response scored once: the best ones, then every change's, in rows' order
+        texts = [(prompt, best) for prompt, best, _ in rows]
+        texts += [(prompt, changed[change]) for change in CHANGES for prompt, _, changed in rows]
+        with torch.no_grad():
+            s = score_sequences(model, [enc.encode(p + r) + [enc.eot_token] for p, r in texts], enc.eot_token,
+                                "cpu", max_tokens=8192).view(1 + len(CHANGES), len(rows))
+        for i, change in enumerate(CHANGES):
+            diff = s[0] - s[1 + i]
             cells[change].append(f"{(diff > 0).float().mean():.0%} ({diff.mean():+.2f})")
     print(f"{len(rows)} test prompts. A cell: how often the reward model scores the best response above the "
           "changed one (gold always does), and the mean difference of the two scores")

@@ -82,20 +82,21 @@ def test_reward_probe_changes_one_thing_each_and_gold_prefers_the_best(tmp_path)
     for r in (" hi bob! um, let me think. this is a hard one. 3 plus 4 is 8. glad to help! have a great day!",
               " hi bob! 3 plus 4 is 8. ugh, that was easy.", " hi bob! um, let me think. 3 plus 4 is 8."):
         assert reward_probe.polished(r) == " hi bob! 3 plus 4 is 8. glad to help!"
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=64, vocab_size=get_tokenizer("task").n_vocab, n_layer=1, n_head=2, n_embd=32,
-                       head="scalar", tokenizer="task")
-    common.save_checkpoint(str(tmp_path / "reward.pt"), GPT(config), kind="reward", config=sft.Config(), step=0)
-    proc = subprocess.run([sys.executable, "benchmarks/reward_probe.py", str(tmp_path / "reward.pt"), "--n", "20"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    def probe(tokenizer):
+        """reward_probe.py on 20 prompts, with a random tiny reward model of that tokenizer."""
+        torch.manual_seed(0)
+        config = GPTConfig(block_size=64, vocab_size=get_tokenizer(tokenizer).n_vocab, n_layer=1, n_head=2,
+                           n_embd=32, head="scalar", tokenizer=tokenizer)
+        path = str(tmp_path / f"{tokenizer}.pt")
+        common.save_checkpoint(path, GPT(config), kind="reward", config=sft.Config(), step=0)
+        return subprocess.run([sys.executable, "benchmarks/reward_probe.py", path, "--n", "20"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    proc = probe("task")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for change in reward_probe.CHANGES:
         assert re.search(rf"^\| {re.escape(change)} \(\+\d\.\d\) \| \d+% \([+-]\d\.\d\d\) \|$", proc.stdout, re.M), proc.stdout
     assert re.search(r"three seeds: (\d+\.\d%, ){2}\d+\.\d%$", proc.stdout, re.M), proc.stdout
     # a reward model of another task of the suite is refused in one line, not scored on foreign text
-    sort = GPTConfig(block_size=64, vocab_size=get_tokenizer("task:sort").n_vocab, n_layer=1, n_head=2, n_embd=32,
-                     head="scalar", tokenizer="task:sort")
-    common.save_checkpoint(str(tmp_path / "sort.pt"), GPT(sort), kind="reward", config=sft.Config(), step=0)
-    proc = subprocess.run([sys.executable, "benchmarks/reward_probe.py", str(tmp_path / "sort.pt"), "--n", "20"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = probe("task:sort")
     assert proc.returncode != 0 and "not of the built-in task" in proc.stderr.strip().splitlines()[-1], proc.stderr
